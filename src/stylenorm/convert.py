@@ -1,0 +1,94 @@
+"""Helpers that move models and checkpoints between torch.nn and stylenorm.
+
+``load_legacy_state_dict`` loads a checkpoint whose ``InstanceNorm`` layers still carry
+running-statistic buffers although the model's layers have ``track_running_stats=False`` (the
+default since PyTorch 0.4; checkpoints of many style-transfer repositories predate it). torch
+refuses such a checkpoint with "Unexpected running stats buffer(s)". Those buffers were never
+used by the layers, so dropping them changes no output; this helper does it explicitly and tells
+you which keys it dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from torch import nn
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+__all__ = ["LegacyLoadResult", "load_legacy_state_dict", "strip_legacy_running_stats"]
+
+_RUNNING_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class LegacyLoadResult(NamedTuple):
+    """What :func:`load_legacy_state_dict` did: torch's missing/unexpected keys, plus the
+    running-statistic keys it dropped."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    dropped_keys: list[str]
+
+
+def strip_legacy_running_stats(
+    model: nn.Module, state_dict: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Return a copy of ``state_dict`` without the running-statistic entries of every instance
+    norm in ``model`` that has ``track_running_stats=False``, and the list of dropped keys.
+
+    Works for torch's and stylenorm's ``InstanceNorm1d/2d/3d`` alike. The input mapping is not
+    modified; its metadata (``_metadata``) is carried over.
+
+    Example:
+        >>> legacy = {"norm.running_mean": torch.zeros(3), "norm.running_var": torch.ones(3)}
+        >>> model = nn.Sequential()
+        >>> model.add_module("norm", nn.InstanceNorm2d(3))
+        >>> cleaned, dropped = strip_legacy_running_stats(model, legacy)
+        >>> dropped
+        ['norm.running_mean', 'norm.running_var']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    stale = {
+        f"{name}.{stat}" if name else stat
+        for name, module in model.named_modules()
+        if isinstance(module, _InstanceNorm) and not module.track_running_stats
+        for stat in _RUNNING_STAT_NAMES
+    }
+    cleaned = {k: v for k, v in state_dict.items() if k not in stale}
+    dropped = [k for k in state_dict if k in stale]
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        cleaned = _with_metadata(cleaned, metadata)
+    return cleaned, dropped
+
+
+def _with_metadata(state: dict[str, Any], metadata: Any) -> dict[str, Any]:
+    from collections import OrderedDict
+
+    ordered: OrderedDict[str, Any] = OrderedDict(state)
+    ordered._metadata = metadata  # type: ignore[attr-defined]
+    return ordered
+
+
+def load_legacy_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True
+) -> LegacyLoadResult:
+    """Load ``state_dict`` into ``model``, dropping stale instance-norm running statistics.
+
+    Equivalent to ``model.load_state_dict(cleaned, strict)`` with ``cleaned`` from
+    :func:`strip_legacy_running_stats`; every other mismatch still raises (``strict=True``) or
+    is reported, exactly as ``load_state_dict`` does.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.InstanceNorm2d(3, affine=True))
+        >>> legacy = dict(model.state_dict(), **{"1.running_mean": torch.zeros(3),
+        ...                                      "1.running_var": torch.ones(3)})
+        >>> load_legacy_state_dict(model, legacy).dropped_keys
+        ['1.running_mean', '1.running_var']
+    """
+    cleaned, dropped = strip_legacy_running_stats(model, state_dict)
+    result = model.load_state_dict(cleaned, strict=strict)
+    return LegacyLoadResult(list(result.missing_keys), list(result.unexpected_keys), dropped)

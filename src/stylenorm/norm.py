@@ -1,0 +1,208 @@
+r"""Drop-in ``BatchNorm1d/2d/3d`` and ``InstanceNorm1d/2d/3d``.
+
+Each class subclasses torch's class of the same name, so the constructor, parameters, buffers,
+``state_dict``, ``extra_repr``, errors and warnings are torch's own, and every
+``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)`` / ``_NormBase`` / ``InstanceNorm2d`` check
+in user or library code (``convert_sync_batchnorm``, weight-decay filters, freezing helpers) still
+holds. Only the computation is replaced, by :mod:`stylenorm.functional`:
+
+- instance norm runs as one fused group-norm pass (several times faster on CPU, keeps
+  channels_last), with correct gradients for a batch of one whose incoming gradient is
+  channels_last (torch 2.13's CPU kernel returns wrong ones);
+- an empty batch returns an empty output and leaves every running statistic, and
+  ``num_batches_tracked``, untouched (torch's ``InstanceNorm`` raises ``IndexError`` or writes NaN
+  into its running statistics; torch's ``BatchNorm`` counts the empty step, which skews
+  ``momentum=None``'s cumulative average);
+- half-precision input updates float32 running statistics from float32 statistics.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
+
+from . import functional
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+]
+
+
+class _InstanceNorm(_TorchInstanceNorm):
+    """Shared behaviour of the drop-in instance norms: torch's module, stylenorm's kernel."""
+
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        return functional.instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class _BatchNorm(_TorchBatchNorm):
+    """Shared behaviour of the drop-in batch norms: torch's module, stylenorm's kernel."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)  # type: ignore[no-untyped-call]
+        factor = 0.0 if self.momentum is None else self.momentum
+        if (
+            self.training
+            and self.track_running_stats
+            and self.num_batches_tracked is not None
+            and input.shape[0] > 0
+        ):
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in evaluation when no running statistics exist.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Buffers are passed when they are read (evaluation) or updated (tracked training).
+        pass_buffers = not self.training or self.track_running_stats
+        return functional.batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+_IN_DOC = r"""Drop-in for :class:`torch.nn.{name}`: instance normalization over a {rank_in} input.
+
+    .. math::
+
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \gamma + \beta
+
+    with the mean and biased variance taken per sample and channel over the spatial dimensions
+    (Ulyanov et al. 2016). Same constructor, parameters, buffers, ``state_dict``, numbers and
+    errors as torch's class (it *is* a subclass of it), with torch's quirks kept: the running
+    variance is the unbiased one, ``num_batches_tracked`` never increments, ``momentum=None``
+    leaves the running statistics unchanged, and a channel-count mismatch only warns when
+    ``affine=False``. Computed by :func:`stylenorm.functional.instance_norm`: faster, and right
+    where torch 2.13 is wrong (see the module docs).
+
+    Args:
+        num_features: number of channels :math:`C`.
+        eps: added to the variance inside the square root. Default: 1e-5.
+        momentum: weight of new statistics in the running average. Default: 0.1.
+        affine: learnable per-channel :math:`\gamma` (ones) and :math:`\beta` (zeros).
+            Default: False.
+        track_running_stats: keep running statistics and use them in evaluation. Default: False.
+        bias: with ``affine``, whether to learn :math:`\beta` too (keyword-only). Default: True.
+        device, dtype: factory keyword arguments for the parameters and buffers.
+
+    Shape:
+        - Input: :math:`{shape_in}` or :math:`{shape_unbatched}`
+        - Output: same shape as the input
+
+    Example::
+
+        >>> import stylenorm
+        >>> m = stylenorm.{name}(4, affine=True)
+        >>> x = torch.randn({example})
+        >>> torch.allclose(m(x), torch.nn.{name}(4, affine=True)(x), atol=1e-5)
+        True
+    """
+
+_BN_DOC = r"""Drop-in for :class:`torch.nn.{name}`: batch normalization over a {rank_in} input.
+
+    .. math::
+
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \gamma + \beta
+
+    with the mean and biased variance taken per channel over the batch and spatial dimensions in
+    training (Ioffe & Szegedy 2015), and the running statistics (updated with the unbiased
+    variance) in evaluation. Same constructor, parameters, buffers, ``state_dict``, numbers and
+    errors as torch's class (it *is* a subclass of it), computed by
+    :func:`stylenorm.functional.batch_norm`; an empty batch leaves running statistics and
+    ``num_batches_tracked`` untouched, and half-precision input updates float32 running statistics
+    in float32.
+
+    Args:
+        num_features: number of channels :math:`C`.
+        eps: added to the variance inside the square root. Default: 1e-5.
+        momentum: weight of new statistics in the running average; ``None`` for a cumulative
+            average. Default: 0.1.
+        affine: learnable per-channel :math:`\gamma` (ones) and :math:`\beta` (zeros).
+            Default: True.
+        track_running_stats: keep running statistics and use them in evaluation. Default: True.
+        bias: with ``affine``, whether to learn :math:`\beta` too (keyword-only). Default: True.
+        device, dtype: factory keyword arguments for the parameters and buffers.
+
+    Shape:
+        - Input: :math:`{shape_in}`
+        - Output: same shape as the input
+
+    Example::
+
+        >>> import stylenorm
+        >>> m = stylenorm.{name}(4)
+        >>> x = torch.randn({example})
+        >>> torch.allclose(m(x), torch.nn.{name}(4)(x), atol=1e-5)
+        True
+    """
+
+
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
+    __doc__ = _IN_DOC.format(
+        name="InstanceNorm1d",
+        rank_in="3D (or unbatched 2D)",
+        shape_in="(N, C, L)",
+        shape_unbatched="(C, L)",
+        example="2, 4, 16",
+    )
+
+
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
+    __doc__ = _IN_DOC.format(
+        name="InstanceNorm2d",
+        rank_in="4D (or unbatched 3D)",
+        shape_in="(N, C, H, W)",
+        shape_unbatched="(C, H, W)",
+        example="2, 4, 8, 8",
+    )
+
+
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
+    __doc__ = _IN_DOC.format(
+        name="InstanceNorm3d",
+        rank_in="5D (or unbatched 4D)",
+        shape_in="(N, C, D, H, W)",
+        shape_unbatched="(C, D, H, W)",
+        example="2, 4, 4, 4, 4",
+    )
+
+
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    __doc__ = _BN_DOC.format(
+        name="BatchNorm1d",
+        rank_in="2D or 3D",
+        shape_in="(N, C)` or :math:`(N, C, L)",
+        example="8, 4, 16",
+    )
+
+
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    __doc__ = _BN_DOC.format(
+        name="BatchNorm2d", rank_in="4D", shape_in="(N, C, H, W)", example="8, 4, 8, 8"
+    )
+
+
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    __doc__ = _BN_DOC.format(
+        name="BatchNorm3d", rank_in="5D", shape_in="(N, C, D, H, W)", example="8, 4, 4, 4, 4"
+    )
