@@ -1,0 +1,260 @@
+"""Tests of stylenorm.stats against the NumPy float64 reference and textbook identities."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+from stylenorm import reference, stats
+
+DTYPES_LOW = [torch.float16, torch.bfloat16]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+@st.composite
+def features_and_mask(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    spatial_rank = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 3))
+    c = draw(st.integers(1, 4))
+    spatial = tuple(draw(st.integers(2, 6)) for _ in range(spatial_rank))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    offset = draw(st.sampled_from([0.0, 3.0, -100.0]))
+    x = offset + scale * torch.randn((n, c, *spatial), generator=gen, dtype=torch.float64)
+    correction = draw(st.sampled_from([0, 1]))
+    kind = draw(st.sampled_from(["none", "binary", "soft", "per_channel"]))
+    mask: torch.Tensor | None = None
+    if kind != "none":
+        mc = c if kind == "per_channel" else 1
+        shape = (n, mc, *spatial)
+        if kind == "binary":
+            mask = torch.rand(shape, generator=gen) < 0.6
+            mask.reshape(n, mc, -1)[:, :, :2] = True  # at least two selected positions
+        else:
+            mask = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.05
+    return x, mask, correction
+
+
+@settings(max_examples=60, deadline=None)
+@given(features_and_mask())
+def test_mean_var_matches_reference_float64(case: tuple[torch.Tensor, torch.Tensor | None, int]):
+    x, mask, correction = case
+    mean, var = stats.mean_var(x, correction=correction, mask=mask)
+    ref_mean, ref_var = reference.mean_var(_np(x), correction, None if mask is None else _np(mask))
+    scale = float(np.abs(_np(x)).max()) + 1e-300
+    np.testing.assert_allclose(_np(mean), ref_mean, rtol=1e-12, atol=1e-13 * scale)
+    np.testing.assert_allclose(_np(var), ref_var, rtol=1e-9, atol=1e-13 * scale**2)
+    assert mean.shape == var.shape == x.shape[:2]
+    assert mean.dtype == var.dtype == torch.float64
+
+
+@settings(max_examples=40, deadline=None)
+@given(features_and_mask(), st.sampled_from([0.0, 1e-5, 0.1]))
+def test_mean_std_matches_reference_float32(
+    case: tuple[torch.Tensor, torch.Tensor | None, int], eps: float
+):
+    x, mask, correction = case
+    x32 = x.float()
+    mask32 = None if mask is None or mask.dtype == torch.bool else mask.float()
+    mask32 = mask if mask is not None and mask.dtype == torch.bool else mask32
+    mean, std = stats.mean_std(x32, eps=eps, correction=correction, mask=mask32)
+    ref_mean, ref_std = reference.mean_std(
+        _np(x32), eps, correction, None if mask32 is None else _np(mask32)
+    )
+    scale = float(np.abs(_np(x32)).max())
+    np.testing.assert_allclose(_np(mean), ref_mean, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(_np(std), ref_std, rtol=1e-4, atol=1e-6 * scale)
+    assert mean.dtype == std.dtype == torch.float32
+
+
+def test_matches_torch_var_mean():
+    x = torch.randn(3, 5, 7, 9)
+    for correction in (0, 1):
+        var, mean = torch.var_mean(x, dim=(2, 3), correction=correction)
+        m, v = stats.mean_var(x, correction=correction)
+        torch.testing.assert_close(m, mean)
+        torch.testing.assert_close(v, var)
+
+
+def test_large_mean_does_not_cancel():
+    # E[x^2] - E[x]^2 in float32 loses every digit of a unit variance at mean 1e4.
+    gen = torch.Generator().manual_seed(0)
+    x64 = 1e4 + torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    x = x64.float()
+    _, var = stats.mean_var(x)
+    _, ref = reference.mean_var(_np(x))
+    np.testing.assert_allclose(_np(var), ref, rtol=1e-4)
+
+
+def test_binary_mask_equals_selected_positions():
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    mask = torch.zeros(2, 1, 6, 5, dtype=torch.bool)
+    mask[0, :, :3] = True
+    mask[1, :, 2:, 1:] = True
+    for correction in (0, 1):
+        mean, var = stats.mean_var(x, correction=correction, mask=mask)
+        for n in range(2):
+            picked = x[n][:, mask[n, 0]]
+            torch.testing.assert_close(mean[n], picked.mean(-1))
+            torch.testing.assert_close(var[n], picked.var(-1, correction=correction))
+
+
+def test_soft_mask_scale_invariant():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    mask = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    a = stats.mean_var(x, mask=mask)
+    b = stats.mean_var(x, mask=7.5 * mask)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("spatial", [(9,), (4, 5), (3, 4, 2), (2, 2, 3, 2)])
+@pytest.mark.parametrize("correction", [0, 1])
+def test_gradcheck_gradgradcheck(spatial: tuple[int, ...], correction: int):
+    x = torch.randn(2, 3, *spatial, dtype=torch.float64, requires_grad=True)
+
+    def fn(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return stats.mean_std(t, correction=correction)
+
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(fn, (x,))
+    assert gradgradcheck(lambda t: stats.mean_var(t, correction=correction), (x,))
+
+
+def test_gradcheck_only_mean_or_only_var_used():
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda t: stats.mean_var(t)[0], (x,))
+    assert gradcheck(lambda t: stats.mean_var(t)[1], (x,))
+    assert gradgradcheck(lambda t: stats.mean_var(t)[1], (x,))
+
+
+def test_gradcheck_masked():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(2, 1, 4, 5, dtype=torch.float64) + 0.1).requires_grad_()
+    assert gradcheck(lambda t, w: stats.mean_std(t, correction=1, mask=w), (x, mask))
+    assert gradgradcheck(lambda t, w: stats.mean_std(t, mask=w), (x, mask))
+
+
+def test_gradient_matches_autograd_of_formula():
+    x = torch.randn(3, 4, 6, 7, dtype=torch.float64, requires_grad=True)
+    gm, gs = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    mean, std = stats.mean_std(x, eps=1e-3, correction=1)
+    (ours,) = torch.autograd.grad((mean * gm).sum() + (std * gs).sum(), x)
+    ref_mean = x.mean((2, 3))
+    ref_std = (x.var((2, 3), correction=1) + 1e-3).sqrt()
+    (ref,) = torch.autograd.grad((ref_mean * gm).sum() + (ref_std * gs).sum(), x)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_constant_channel_finite_value_and_gradient():
+    x = torch.full((2, 3, 4, 4), 2.5, requires_grad=True)
+    mean, std = stats.mean_std(x)
+    assert torch.equal(mean, torch.full((2, 3), 2.5))
+    torch.testing.assert_close(std, torch.full((2, 3), math.sqrt(1e-5)))
+    (mean.sum() + std.sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    _, var = stats.mean_var(x.detach())
+    assert torch.equal(var, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES_LOW)
+def test_half_precision_reduced_in_float32(dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(1)
+    # Values whose squares overflow float16 (max 65504) and a large common offset.
+    x = (300.0 + 200.0 * torch.randn(2, 4, 32, 32, generator=gen)).to(dtype)
+    mean, std = stats.mean_std(x)
+    assert mean.dtype == std.dtype == dtype
+    ref_mean, ref_std = reference.mean_std(_np(x))
+    np.testing.assert_allclose(_np(mean), ref_mean, rtol=1e-2)
+    np.testing.assert_allclose(_np(std), ref_std, rtol=1e-2)
+    x.requires_grad_()
+    g = torch.autograd.grad(stats.mean_std(x)[1].sum(), x)[0]
+    assert g.dtype == dtype and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["channels_last", "transposed", "sliced", "expanded", "channels_last_3d"],
+)
+def test_memory_layouts(layout: str):
+    base = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = base.transpose(2, 3)
+    elif layout == "sliced":
+        x = torch.randn(2, 6, 6, 10, dtype=torch.float64)[:, ::2, :, ::2]
+    elif layout == "expanded":
+        x = torch.randn(1, 3, 6, 5, dtype=torch.float64).expand(4, 3, 6, 5)
+    else:
+        x = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last_3d
+        )
+    ref_mean, ref_var = reference.mean_var(_np(x), 1)
+    mean, var = stats.mean_var(x, correction=1)
+    np.testing.assert_allclose(_np(mean), ref_mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(_np(var), ref_var, rtol=1e-12)
+
+
+def test_input_not_modified():
+    x = torch.randn(2, 3, 5, 5)
+    mask = torch.rand(2, 1, 5, 5)
+    x0, mask0 = x.clone(), mask.clone()
+    stats.mean_std(x, mask=mask, correction=1)
+    stats.mean_std(x)
+    assert torch.equal(x, x0) and torch.equal(mask, mask0)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    mean, std = stats.mean_std(x)
+    assert mean.shape == std.shape == (0, 3)
+
+
+def test_compute_dtype():
+    assert stats.compute_dtype(torch.float16) == torch.float32
+    assert stats.compute_dtype(torch.bfloat16) == torch.float32
+    assert stats.compute_dtype(torch.float32) == torch.float32
+    assert stats.compute_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"x": torch.randn(2, 3)}, ValueError, r"x must have shape \(N, C, \*spatial\)"),
+        ({"x": torch.ones(2, 3, 4, dtype=torch.long)}, TypeError, "x must be a floating"),
+        ({"x": [[1.0]]}, TypeError, "x must be a torch.Tensor"),
+        ({"x": torch.randn(2, 3, 0)}, ValueError, "no spatial positions"),
+        ({"x": torch.randn(2, 3, 4), "mask": torch.ones(2, 3, 5)}, ValueError, "mask must"),
+        ({"x": torch.randn(2, 3, 4), "mask": torch.ones(2, 4)}, ValueError, "mask must"),
+        ({"x": torch.randn(2, 3, 4), "mask": torch.ones(3, 1, 4)}, ValueError, "mask must"),
+        ({"x": torch.randn(2, 3, 4), "mask": -torch.ones(2, 1, 4)}, ValueError, "non-negative"),
+        ({"x": torch.randn(2, 3, 4), "mask": torch.zeros(2, 1, 4)}, ValueError, "sums to zero"),
+        ({"x": torch.randn(2, 3, 4), "mask": "m"}, TypeError, "mask must be a torch.Tensor"),
+        ({"x": torch.randn(2, 3, 1), "correction": 1}, ValueError, "correction=1"),
+        ({"x": torch.randn(2, 3, 4), "correction": -1}, ValueError, "correction"),
+        ({"x": torch.randn(2, 3, 4), "correction": "1"}, TypeError, "correction"),
+        ({"x": torch.randn(2, 3, 4), "eps": -1.0}, ValueError, "eps"),
+    ],
+)
+def test_errors(kwargs: dict[str, object], error: type[Exception], pattern: str):
+    fn = stats.mean_std if "eps" in kwargs else stats.mean_var
+    with pytest.raises(error, match=pattern):
+        fn(**kwargs)  # type: ignore[arg-type]
+
+
+def test_mask_with_weight_at_most_correction_is_an_error():
+    x = torch.randn(1, 2, 4)
+    mask = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+    stats.mean_var(x, mask=mask)  # one position: a biased variance (zero) is defined
+    with pytest.raises(ValueError, match="correction"):
+        stats.mean_var(x, mask=mask, correction=1)
