@@ -17,6 +17,7 @@ from .norm import (
     InstanceNorm2d,
     InstanceNorm3d,
 )
+from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LegacyLoadResult",
+    "SyncBatchNorm",
     "functional",
     "load_legacy_state_dict",
     "reference",

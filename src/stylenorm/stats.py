@@ -101,7 +101,13 @@ def _num_positions(x: Tensor) -> int:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous():
+    """The layout torch's normalization kernels accept ``x`` in without a copy.
+
+    channels_last only when torch's own stride heuristic agrees: the batch stride must span a
+    whole sample (a size-1 batch dimension may otherwise carry a stride that makes the kernel
+    reject the tensor).
+    """
+    if not x.is_contiguous() and x.stride(0) >= math.prod(x.shape[1:]):
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             return torch.channels_last
         if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
@@ -196,6 +202,14 @@ def _mean_var(x: Tensor, correction: float, mask: Tensor | None) -> tuple[Tensor
         return empty + x.sum(tuple(range(2, x.dim()))), empty.clone()
     mean, var = _MeanVar.apply(x, float(correction))  # type: ignore[no-untyped-call]
     return mean, var
+
+
+def _channel_mean_var(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:
+    """Per-channel statistics over the batch and spatial dims, i.e. batch norm's, of an
+    ``(N, C, *)`` tensor with ``N * prod(*) > correction``; ``(C,)`` each, in the compute dtype."""
+    per_channel = x.transpose(0, 1).unsqueeze(0)  # (1, C, N, *spatial)
+    mean, var = _mean_var(per_channel, correction, None)
+    return mean[0], var[0]
 
 
 def _check_correction(correction: object) -> float:
