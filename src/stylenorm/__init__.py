@@ -8,7 +8,13 @@ Example:
 """
 
 from . import functional, reference, stats
-from .convert import LegacyLoadResult, load_legacy_state_dict, strip_legacy_running_stats
+from .convert import (
+    LegacyLoadResult,
+    load_legacy_state_dict,
+    strip_legacy_running_stats,
+    to_stylenorm,
+    to_torch,
+)
 from .norm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -35,4 +41,6 @@ __all__ = [
     "reference",
     "stats",
     "strip_legacy_running_stats",
+    "to_stylenorm",
+    "to_torch",
 ]

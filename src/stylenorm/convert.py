@@ -14,9 +14,18 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["LegacyLoadResult", "load_legacy_state_dict", "strip_legacy_running_stats"]
+from . import norm
+
+__all__ = [
+    "LegacyLoadResult",
+    "load_legacy_state_dict",
+    "strip_legacy_running_stats",
+    "to_stylenorm",
+    "to_torch",
+]
 
 _RUNNING_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -92,3 +101,68 @@ def load_legacy_state_dict(
     cleaned, dropped = strip_legacy_running_stats(model, state_dict)
     result = model.load_state_dict(cleaned, strict=strict)
     return LegacyLoadResult(list(result.missing_keys), list(result.unexpected_keys), dropped)
+
+
+_TO_STYLENORM: dict[type[nn.Module], type[_NormBase]] = {
+    nn.BatchNorm1d: norm.BatchNorm1d,
+    nn.BatchNorm2d: norm.BatchNorm2d,
+    nn.BatchNorm3d: norm.BatchNorm3d,
+    nn.InstanceNorm1d: norm.InstanceNorm1d,
+    nn.InstanceNorm2d: norm.InstanceNorm2d,
+    nn.InstanceNorm3d: norm.InstanceNorm3d,
+}
+_TO_TORCH: dict[type[nn.Module], type[_NormBase]] = {v: k for k, v in _TO_STYLENORM.items()}  # type: ignore[misc]
+
+
+def _swap_norms(module: nn.Module, mapping: dict[type[nn.Module], type[_NormBase]]) -> nn.Module:
+    target = mapping.get(type(module))
+    output = module
+    if target is not None:
+        assert isinstance(module, _NormBase)
+        output = target(
+            module.num_features,
+            module.eps,
+            module.momentum,  # type: ignore[arg-type]
+            module.affine,
+            module.track_running_stats,
+            device="meta",
+            bias=module.bias is not None,
+        )
+        # Share the very tensors, so optimizers, devices and dtypes carry over untouched.
+        for name, param in module._parameters.items():
+            output._parameters[name] = param
+        for name, buffer in module._buffers.items():
+            output._buffers[name] = buffer
+        output.train(module.training)
+    for name, child in module.named_children():
+        output.add_module(name, _swap_norms(child, mapping))
+    return output
+
+
+def to_stylenorm(model: nn.Module) -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm*d`` / ``InstanceNorm*d`` in ``model`` by stylenorm's.
+
+    The new layers share the original parameters and buffers (same tensors: optimizer state,
+    device and dtype carry over), keep the training mode, and compute the same numbers. Children
+    are replaced in place; the (possibly new) root is returned, so write
+    ``model = to_stylenorm(model)``. Subclasses, lazy and sync variants are left alone; hooks
+    registered on a replaced layer are not carried over.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True))
+        >>> model = to_stylenorm(model)
+        >>> type(model[1]).__module__
+        'stylenorm.norm'
+    """
+    return _swap_norms(model, _TO_STYLENORM)
+
+
+def to_torch(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`to_stylenorm`: stylenorm's drop-ins back to ``torch.nn``'s classes.
+
+    Example:
+        >>> model = to_torch(nn.Sequential(stylenorm.BatchNorm2d(4)))
+        >>> type(model[0]) is nn.BatchNorm2d
+        True
+    """
+    return _swap_norms(model, _TO_TORCH)
