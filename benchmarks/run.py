@@ -1,0 +1,387 @@
+"""stylenorm benchmark suite: our time against a baseline's, side by side in one process.
+
+    python benchmarks/run.py                    # the full table on this machine's CPU (and CUDA)
+    python benchmarks/run.py --quick            # tiny shapes, a smoke run
+    python benchmarks/run.py --ops adain,cin --shapes 8x64x64x64 --memory
+
+For each operation, shape, layout (contiguous / channels_last) and dtype (float32 / bfloat16) it
+times forward and forward+backward of stylenorm and of its baseline with
+``torch.utils.benchmark``, alternating the two (``--rounds`` times) so drifts of the machine hit
+both alike, and prints the medians, their ratio (baseline / ours: above 1 means stylenorm is
+faster), and each time divided by one ``clone()`` of the input (the memory-bandwidth yardstick).
+Baselines: ``torch.nn`` for the drop-in layers, and the plain formula people copy (separate
+mean/var/expand ops) for everything else; ``--compile`` adds ``torch.compile`` of the plain
+formula. ``--memory`` measures the peak memory of one forward+backward of each side in a fresh
+process (peak RSS growth on CPU, ``max_memory_allocated`` on CUDA).
+
+Times are steady-state: every case is warmed up first, so fresh-allocation page faults of the
+first call are not counted. Figures assume the default allocator and torch's default thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.benchmark import Timer
+
+import stylenorm
+from stylenorm import functional as SF
+
+SHAPES = [(8, 64, 64, 64), (4, 256, 32, 32), (1, 64, 256, 256), (16, 32, 64, 64)]
+QUICK_SHAPES = [(2, 4, 8, 8)]
+EPS = 1e-5
+NUM_STYLES = 4
+
+Fn = Callable[[], Tensor]
+
+
+@dataclasses.dataclass
+class Case:
+    """Both sides of one benchmark: ``ours(x)`` and ``baseline(x)`` return a tensor to sum."""
+
+    ours: Callable[[Tensor], Tensor]
+    baseline: Callable[[Tensor], Tensor]
+    baseline_name: str
+    plain: Callable[[Tensor], Tensor] | None = None  # what --compile compiles
+
+
+# ---------------------------------------------------------------- plain formulas (baselines)
+def plain_mean_std(x: Tensor, correction: int = 0) -> tuple[Tensor, Tensor]:
+    dims = tuple(range(2, x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=correction)
+    return mean, (var + EPS).sqrt()
+
+
+def plain_gram(x: Tensor) -> Tensor:
+    n, c = x.shape[:2]
+    f = x.reshape(n, c, -1)
+    return torch.bmm(f, f.transpose(1, 2)) / (c * f.shape[-1])
+
+
+def _style_for(x: Tensor) -> Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    style = 2.0 + 3.0 * torch.randn(x.shape, generator=gen)
+    style = style.to(device=x.device, dtype=x.dtype)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        style = style.contiguous(memory_format=torch.channels_last)
+    return style
+
+
+def make_case(op: str, x: Tensor) -> Case:
+    n, c = x.shape[:2]
+    dev, dt = x.device, x.dtype
+    if op == "instance_norm":
+        ours_in = stylenorm.InstanceNorm2d(c, affine=True, device=dev, dtype=dt)
+        torch_in = nn.InstanceNorm2d(c, affine=True, device=dev, dtype=dt)
+        return Case(ours_in, torch_in, "torch.nn.InstanceNorm2d")
+    if op == "batch_norm":
+        ours_bn = stylenorm.BatchNorm2d(c, device=dev, dtype=dt)
+        torch_bn = nn.BatchNorm2d(c, device=dev, dtype=dt)
+        return Case(ours_bn, torch_bn, "torch.nn.BatchNorm2d")
+    if op == "mean_std":
+
+        def ours_ms(t: Tensor) -> Tensor:
+            mean, std = stylenorm.stats.mean_std(t)
+            return mean + std
+
+        def plain_ms(t: Tensor) -> Tensor:
+            mean, std = plain_mean_std(t)
+            return mean + std
+
+        return Case(ours_ms, plain_ms, "torch.var_mean", plain_ms)
+    if op == "cin":
+        cin = stylenorm.ConditionalInstanceNorm2d(c, NUM_STYLES, device=dev, dtype=dt)
+        with torch.no_grad():
+            cin.weight.uniform_(0.5, 1.5)
+            cin.bias.uniform_(-1, 1)
+        ids = torch.arange(n, device=dev) % NUM_STYLES
+
+        def plain_cin(t: Tensor) -> Tensor:
+            mean, std = plain_mean_std(t)
+            gamma = cin.weight[ids].reshape(n, c, 1, 1)
+            beta = cin.bias[ids].reshape(n, c, 1, 1)
+            return (t - mean) / std * gamma + beta
+
+        return Case(lambda t: cin(t, ids), plain_cin, "plain formula", plain_cin)
+    if op == "adain":
+        style = _style_for(x)
+        adain = stylenorm.AdaIN()
+
+        def plain_adain(t: Tensor) -> Tensor:
+            c_mean, c_std = plain_mean_std(t)
+            s_mean, s_std = plain_mean_std(style)
+            return (t - c_mean) / c_std * s_std + s_mean
+
+        return Case(lambda t: adain(t, style), plain_adain, "plain formula", plain_adain)
+    if op == "gram_matrix":
+        return Case(SF.gram_matrix, plain_gram, "bmm / (C*M)", plain_gram)
+    if op == "gram_loss":
+        style = _style_for(x)
+        loss = stylenorm.GramLoss(style)
+        target = plain_gram(style)
+
+        def plain_gram_loss(t: Tensor) -> Tensor:
+            return F.mse_loss(plain_gram(t), target.expand(t.shape[0], c, c))
+
+        return Case(loss, plain_gram_loss, "bmm + mse_loss", plain_gram_loss)
+    if op == "mean_std_loss":
+        style = _style_for(x)
+        loss = stylenorm.MeanStdLoss(style)
+        s_mean, s_std = plain_mean_std(style)
+
+        def plain_ms_loss(t: Tensor) -> Tensor:
+            mean, std = plain_mean_std(t)
+            return F.mse_loss(mean, s_mean) + F.mse_loss(std, s_std)
+
+        return Case(loss, plain_ms_loss, "var_mean + mse_loss", plain_ms_loss)
+    if op == "mmd_loss":
+        style = _style_for(x)
+
+        def plain_mmd(t: Tensor) -> Tensor:
+            # Biased MMD^2 with k(a, b) = (a.b)^2 from the kernel matrices (Li et al. 2017).
+            fx, fy = t.flatten(2), style.flatten(2)
+            kxx = torch.bmm(fx.transpose(1, 2), fx).square().mean((1, 2))
+            kyy = torch.bmm(fy.transpose(1, 2), fy).square().mean((1, 2))
+            kxy = torch.bmm(fx.transpose(1, 2), fy).square().mean((1, 2))
+            return (kxx + kyy - 2 * kxy).mean()
+
+        return Case(lambda t: SF.mmd_loss(t, style), plain_mmd, "kernel matrices", plain_mmd)
+    raise ValueError(f"unknown op {op!r}")
+
+
+OPS = [
+    "instance_norm",
+    "batch_norm",
+    "cin",
+    "adain",
+    "mean_std",
+    "gram_matrix",
+    "gram_loss",
+    "mean_std_loss",
+    "mmd_loss",
+]
+
+
+# ---------------------------------------------------------------- timing
+def _runner(fn: Callable[[Tensor], Tensor], x: Tensor, backward: bool) -> Fn:
+    if not backward:
+
+        def forward_only() -> Tensor:
+            with torch.no_grad():
+                return fn(x)
+
+        return forward_only
+    xg = x.detach().clone().requires_grad_()
+
+    def forward_backward() -> Tensor:
+        out = fn(xg)
+        out.float().sum().backward()
+        xg.grad = None
+        return out
+
+    return forward_backward
+
+
+def _median_seconds(fn: Fn, min_run_time: float) -> float:
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def time_pair(ours: Fn, baseline: Fn, rounds: int, min_run_time: float) -> tuple[float, float]:
+    for fn in (ours, baseline):
+        fn()
+        fn()
+    ours_times, base_times = [], []
+    for _ in range(rounds):
+        ours_times.append(_median_seconds(ours, min_run_time))
+        base_times.append(_median_seconds(baseline, min_run_time))
+    ours_times.sort()
+    base_times.sort()
+    return ours_times[len(ours_times) // 2], base_times[len(base_times) // 2]
+
+
+def make_input(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str) -> Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = 0.5 + torch.randn(shape, generator=gen)
+    x = x.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def peak_memory(
+    op: str, side: str, shape: tuple[int, ...], layout: str, dtype: str, device: str
+) -> float:
+    """Peak extra memory (MiB) of one forward+backward, measured in a fresh process."""
+    args = [
+        sys.executable,
+        __file__,
+        "--_measure",
+        json.dumps([op, side, shape, layout, dtype, device]),
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _measure(spec: str) -> None:
+    op, side, shape, layout, dtype_name, device = json.loads(spec)
+    dtype = getattr(torch, dtype_name)
+    x = make_input(tuple(shape), layout, dtype, device)
+    case = make_case(op, x)
+    fn = case.ours if side == "ours" else case.baseline
+    xg = x.detach().clone().requires_grad_()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn(xg).float().sum().backward()
+        torch.cuda.synchronize()
+        print((torch.cuda.max_memory_allocated() - before) / 2**20)
+        return
+    import resource
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    before = rss()
+    fn(xg).float().sum().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(max(peak - before, 0) / 2**20)
+
+
+# ---------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round (smoke)")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of ops")
+    parser.add_argument("--shapes", default=None, help="e.g. 8x64x64x64,4x256x32x32")
+    parser.add_argument("--layouts", default="contiguous,channels_last")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--devices", default=None, help="cpu,cuda (default: all available)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of ours/baseline")
+    parser.add_argument("--min-run-time", type=float, default=0.1)
+    parser.add_argument(
+        "--compile", action="store_true", help="also torch.compile the plain formula"
+    )
+    parser.add_argument("--memory", action="store_true", help="measure peak fwd+bwd memory")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._measure:
+        _measure(args._measure)
+        return []
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rounds, min_run_time = (1, 0.01) if args.quick else (args.rounds, args.min_run_time)
+    devices = (
+        args.devices.split(",")
+        if args.devices
+        else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    )
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
+
+    print(
+        f"# stylenorm benchmarks, {datetime.date.today()}, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
+    )
+    header = (
+        "| device | op | shape | layout | dtype | pass | ours ms | baseline ms | "
+        "ratio | ours/clone | baseline/clone | baseline |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    rows: list[dict[str, Any]] = []
+    for device in devices:
+        for op in ops:
+            for shape in shapes:
+                for layout in args.layouts.split(","):
+                    for dtype_name in args.dtypes.split(","):
+                        rows.extend(
+                            _bench_one(
+                                op, shape, layout, dtype_name, device, rounds, min_run_time, args
+                            )
+                        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def _bench_one(
+    op: str,
+    shape: tuple[int, ...],
+    layout: str,
+    dtype_name: str,
+    device: str,
+    rounds: int,
+    min_run_time: float,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    dtype = getattr(torch, dtype_name)
+    x = make_input(shape, layout, dtype, device)
+    case = make_case(op, x)
+    clone_s = _median_seconds(lambda: x.clone(), min_run_time)
+    sides = [(case.baseline_name, case.baseline)]
+    if args.compile and case.plain is not None:
+        sides.append(("torch.compile(plain)", torch.compile(case.plain)))
+    rows = []
+    for backward in (False, True):
+        for base_name, base_fn in sides:
+            ours_s, base_s = time_pair(
+                _runner(case.ours, x, backward), _runner(base_fn, x, backward), rounds, min_run_time
+            )
+            row = {
+                "device": device,
+                "op": op,
+                "shape": "x".join(map(str, shape)),
+                "layout": layout,
+                "dtype": dtype_name,
+                "pass": "fwd+bwd" if backward else "fwd",
+                "ours_ms": ours_s * 1e3,
+                "baseline_ms": base_s * 1e3,
+                "ratio": base_s / ours_s,
+                "ours_clone": ours_s / clone_s,
+                "baseline_clone": base_s / clone_s,
+                "baseline": base_name,
+            }
+            if args.memory and backward and base_name == case.baseline_name:
+                ours_mb = peak_memory(op, "ours", shape, layout, dtype_name, device)
+                base_mb = peak_memory(op, "baseline", shape, layout, dtype_name, device)
+                row.update(
+                    ours_peak_mib=ours_mb,
+                    baseline_peak_mib=base_mb,
+                    memory_ratio=ours_mb / base_mb if base_mb else float("nan"),
+                )
+            rows.append(row)
+            line = (
+                f"| {device} | {op} | {row['shape']} | {layout} | {dtype_name} | "
+                f"{row['pass']} | {row['ours_ms']:.3f} | {row['baseline_ms']:.3f} | "
+                f"{row['ratio']:.2f}x | {row['ours_clone']:.1f} | {row['baseline_clone']:.1f} "
+                f"| {base_name} |"
+            )
+            if "memory_ratio" in row:
+                line += (
+                    f" peak MiB {row['ours_peak_mib']:.0f} vs {row['baseline_peak_mib']:.0f}"
+                    f" ({row['memory_ratio']:.2f}x) |"
+                )
+            print(line, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
