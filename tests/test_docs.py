@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 
 import pytest
@@ -36,4 +37,6 @@ def test_docstring_examples_run(module_name: str):
 def test_public_names_documented():
     for name in stylenorm.__all__:
         obj = getattr(stylenorm, name)
+        if not callable(obj) and not inspect.ismodule(obj):
+            continue  # constants such as CONVENTIONS are documented where they are defined
         assert obj.__doc__ and len(obj.__doc__.strip()) > 40, f"{name} lacks a docstring"

@@ -41,7 +41,8 @@ def features_and_mask(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor | Non
             mask = torch.rand(shape, generator=gen) < 0.6
             mask.reshape(n, mc, -1)[:, :, :2] = True  # at least two selected positions
         else:
-            mask = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.05
+            # weights >= 0.6 on >= 2 positions: total weight > correction
+            mask = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.6
     return x, mask, correction
 
 
@@ -94,6 +95,19 @@ def test_large_mean_does_not_cancel():
     _, var = stats.mean_var(x)
     _, ref = reference.mean_var(_np(x))
     np.testing.assert_allclose(_np(var), ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d"])
+def test_large_mean_small_std_every_layout(layout: str):
+    # torch's channels_last group-norm kernel cancels here (E[x^2] - E[x]^2); ours must not.
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 3, 4, 16, 16) if layout == "channels_last_3d" else (2, 3, 16, 16)
+    x = (100.0 + 0.1 * torch.randn(shape, generator=gen)).float()
+    if layout != "contiguous":
+        x = x.contiguous(memory_format=getattr(torch, layout))
+    _, var = stats.mean_var(x)
+    _, ref = reference.mean_var(_np(x))
+    np.testing.assert_allclose(_np(var), ref, rtol=1e-3)
 
 
 def test_binary_mask_equals_selected_positions():

@@ -6,24 +6,38 @@ here; every statistic comes from :mod:`stylenorm.stats`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import stats
 
-__all__ = ["batch_norm", "instance_norm"]
+__all__ = [
+    "StyleRegion",
+    "adain",
+    "adain_regions",
+    "batch_norm",
+    "conditional_instance_norm",
+    "gram_loss",
+    "gram_matrix",
+    "instance_norm",
+    "mean_std_loss",
+    "mmd_loss",
+]
 
 
 def _check_spatial_size_for_training(input: Tensor) -> None:
     # Same condition and message as torch.nn.functional.instance_norm.
-    size = list(input.shape)
     positions = 1
-    for s in size[2:]:
+    for s in input.shape[2:]:
         positions *= s
     if positions == 1:
+        # torch prints the torch.Size, e.g. "torch.Size([1, 3, 1, 1])".
         raise ValueError(
-            f"Expected more than 1 spatial element when training, got input size {size}"
+            f"Expected more than 1 spatial element when training, got input size {input.size()}"
         )
 
 
@@ -82,7 +96,7 @@ def instance_norm(
         eps: added to the variance inside the square root.
 
     Shape:
-        Input ``(N, C, *spatial)``; output the same shape (and memory format).
+        Input ``(N, C, *spatial)``; output the same shape, contiguous (as torch's).
 
     Example:
         >>> x = torch.randn(2, 3, 8, 8)
@@ -90,24 +104,69 @@ def instance_norm(
         >>> torch.allclose(y, torch.nn.functional.instance_norm(x), atol=1e-5)
         True
     """
-    if input.dim() < 2:
-        raise ValueError(f"expected input of shape (N, C, *spatial), got {input.dim()}D input")
-    if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "Expected running_mean and running_var to be defined when use_input_stats is false"
-            )
-        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    _check_spatial_size_for_training(input)
+    if use_input_stats:
+        # Also rejects inputs without spatial dimensions, with torch's message.
+        _check_spatial_size_for_training(input)
+    elif running_mean is None or running_var is None:
+        raise RuntimeError(
+            "Expected running_mean and running_var to be defined when use_input_stats is false"
+        )
     n, c = input.shape[0], input.shape[1]
-    if n > 0 and (running_mean is not None or running_var is not None):
+    # torch's kernel checks the (N * C,) repeated vectors; same order, same words.
+    for name, vector in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if vector is not None and vector.numel() != c:
+            raise RuntimeError(f"{name} should contain {n * c} elements not {n * vector.numel()}")
+    if not use_input_stats:
+        assert running_mean is not None and running_var is not None
+        if (
+            weight is None
+            and bias is None
+            and running_mean.dtype != input.dtype
+            and not (
+                input.dtype in (torch.float16, torch.bfloat16)
+                and running_mean.dtype == torch.float32
+            )
+        ):
+            # torch's instance norm reads running statistics of any floating dtype when there are
+            # no affine parameters; its batch-norm kernel accepts only the half/float32 mix.
+            running_mean = running_mean.to(input.dtype)
+            running_var = running_var.to(input.dtype)
+        # The aten op, not F.batch_norm: torch's instance norm does not reject a negative eps.
+        # Contiguous, as torch's instance norm returns in every mode.
+        return torch.batch_norm(
+            input.contiguous(),
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            False,
+            0.0,
+            eps,
+            torch.backends.cudnn.enabled,
+        )
+    if input.numel() > 0 and (running_mean is not None or running_var is not None):
         with torch.no_grad():
-            mean, var = stats._mean_var(input.detach(), 1.0, None)
+            # Contiguous: see below (stats reduce channels_last input with the unstable kernel).
+            mean, var = stats._mean_var(input.detach().contiguous(), 1.0, None)
         _update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum)
-    # One group per channel is instance norm; the group-norm kernel is a single fused pass, keeps
-    # channels_last, and has correct gradients where instance_norm's CPU kernel does not.
-    x = input.contiguous(memory_format=stats._memory_format(input))
-    return F.group_norm(x, c, weight, bias, eps) if c > 0 else input.clone()
+    if c == 0:
+        return input.clone()
+    if input.numel() == 0:
+        # Empty output with zero parameter gradients (group norm's weight gradient is NaN here).
+        return torch.batch_norm(
+            input, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
+        )
+    # One group per channel is instance norm; the group-norm kernel is a single fused pass with
+    # correct gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient).
+    # Contiguous only: torch 2.13's channels_last CPU group-norm kernel computes the variance as
+    # E[x^2] - E[x]^2 (float32 input of mean 100, std 0.1 comes out 100% wrong). torch's instance
+    # norm returns a contiguous output for channels_last input too.
+    return F.group_norm(input.contiguous(), c, weight, bias, eps)
 
 
 def batch_norm(
@@ -149,14 +208,26 @@ def batch_norm(
         True
     """
     tracks = running_mean is not None or running_var is not None
-    if training and input.dim() >= 2 and input.shape[0] == 0:
-        # torch would fill nothing but still count the step; an empty batch carries no statistics.
+    if training and input.dim() >= 2 and input.numel() == 0 and input.shape[1] > 0:
+        # An empty batch (N = 0, or no spatial positions) carries no statistics: nothing to update.
         return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
     if training and tracks and input.dtype in (torch.float16, torch.bfloat16):
         buffer = running_mean if running_mean is not None else running_var
         assert buffer is not None
-        if buffer.dtype not in (torch.float16, torch.bfloat16):
-            out = F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+        if buffer.dtype == torch.float32:
+            # Throw-away copies of the buffers keep torch's mixed-precision kernel, and so its
+            # exact output and its checks; the real buffers are updated below from float32
+            # statistics.
+            out = F.batch_norm(
+                input,
+                None if running_mean is None else running_mean.clone(),
+                None if running_var is None else running_var.clone(),
+                weight,
+                bias,
+                True,
+                momentum,
+                eps,
+            )
             with torch.no_grad():
                 # Channel statistics over (N, *spatial): view channels as the only "channel" axis.
                 per_channel = input.detach().transpose(0, 1).unsqueeze(0)
@@ -164,3 +235,1258 @@ def batch_norm(
             _update_running_stats(running_mean, running_var, mean[0], var[0], momentum)
             return out
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+# ==============================================================================================
+# Style layers: conditional instance norm and AdaIN
+# ==============================================================================================
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _style_check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return float(eps)
+
+
+def _style_keepdim(t: Tensor, rank: int) -> Tensor:
+    """``(N, C)`` -> ``(N, C, 1, ..., 1)`` of the given rank."""
+    return t.reshape(t.shape + (1,) * (rank - t.dim()))
+
+
+def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
+    r"""``(x - \mu_{nc}) / \sqrt{\sigma^2_{nc} + \epsilon} \cdot scale + shift`` in one fused pass.
+
+    ``scale`` and ``shift`` are ``(C,)`` (shared by the batch) or ``(N, C)`` (per sample), in the
+    statistics' compute dtype (float32 weights with a half input are fine for the kernel).
+    """
+    n, c = x.shape[0], x.shape[1]
+    if x.numel() == 0:
+        return x.clone()
+    layout = stats._memory_format(x)
+    # The group-norm kernel refuses one value per group; the statistics path gives y = shift.
+    single_position = all(size == 1 for size in x.shape[2:])
+    shared = (scale is None or scale.dim() == 1 or n == 1) and (
+        shift is None or shift.dim() == 1 or n == 1
+    )
+    if shared and not single_position:
+        # One group per channel is instance norm; the kernel keeps channels_last.
+        weight = None if scale is None else scale.reshape(c)
+        bias = None if shift is None else shift.reshape(c)
+        return F.group_norm(x.contiguous(memory_format=layout), c, weight, bias, eps)
+    if layout == torch.contiguous_format and not single_position:
+        # (N, C, *spatial) viewed as (1, N*C, *spatial): per-(n, c) weights become per-group ones.
+        flat = x.reshape((1, n * c, *x.shape[2:]))
+        weight = None if scale is None else scale.expand(n, c).reshape(n * c)
+        bias = None if shift is None else shift.expand(n, c).reshape(n * c)
+        return F.group_norm(flat, n * c, weight, bias, eps).reshape(x.shape)
+    # channels_last cannot be viewed as (1, N*C, ...): one statistics pass, one addcmul pass.
+    mean, var = stats._mean_var(x, 0.0, None)
+    a = torch.rsqrt(var + eps)
+    if scale is not None:
+        a = a * scale
+    b = -mean * a
+    if shift is not None:
+        b = b + shift
+    rank = x.dim()
+    return torch.addcmul(
+        _style_keepdim(b.to(x.dtype), rank), x, _style_keepdim(a.to(x.dtype), rank)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Conditional instance normalization
+# --------------------------------------------------------------------------------------------
+
+
+def _cin_check_bank(weight: object, bias: object, num_channels: int) -> None:
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[1] != num_channels:
+        raise ValueError(
+            f"weight must have shape (num_styles, C) = (num_styles, {num_channels}) for input "
+            f"with C={num_channels} channels, got weight of shape {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {type(bias).__name__}")
+        if bias.shape != weight.shape:
+            raise ValueError(
+                f"bias must have the shape of weight {tuple(weight.shape)}, "
+                f"got bias of shape {tuple(bias.shape)}"
+            )
+
+
+def _cin_check_ids(ids: Tensor, num_styles: int) -> None:
+    if stats._is_compiling() or ids.device.type == "meta" or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= num_styles:
+        bad = low if low < 0 else high
+        raise IndexError(
+            f"style id {bad} is out of range for num_styles={num_styles} "
+            f"(valid ids are 0 to {num_styles - 1})"
+        )
+
+
+def _cin_select(
+    style: int | Tensor, weight: Tensor, bias: Tensor | None, batch: int
+) -> tuple[Tensor, Tensor | None]:
+    """The ``(gamma, beta)`` a style selects: ``(C,)`` if shared by the batch, else ``(N, C)``."""
+    num_styles = weight.shape[0]
+    if isinstance(style, bool):
+        raise TypeError("style must be an int, an integer tensor or a floating tensor, got bool")
+    if isinstance(style, int):
+        if not 0 <= style < num_styles:
+            raise IndexError(
+                f"style id {style} is out of range for num_styles={num_styles} "
+                f"(valid ids are 0 to {num_styles - 1})"
+            )
+        return weight[style], None if bias is None else bias[style]
+    if not isinstance(style, Tensor):
+        raise TypeError(
+            f"style must be an int, an integer tensor of ids or a floating tensor of mixing "
+            f"weights, got {type(style).__name__}"
+        )
+    if style.dtype == torch.bool or style.is_complex():
+        raise TypeError(f"style must hold integer ids or real mixing weights, got {style.dtype}")
+    if style.is_floating_point():
+        # Style interpolation (Dumoulin et al. 2017, sec. 4): gamma = w @ weight, beta = w @ bias.
+        if style.shape not in ((num_styles,), (batch, num_styles)):
+            raise ValueError(
+                f"style mixing weights must have shape (N, num_styles) = ({batch}, {num_styles}) "
+                f"or (num_styles,) = ({num_styles},), got style of shape {tuple(style.shape)}"
+            )
+        mix = style.to(weight.dtype)
+        return mix @ weight, None if bias is None else mix @ bias
+    if style.dim() == 0:
+        _cin_check_ids(style, num_styles)
+        ids = style.reshape(1).to(device=weight.device, dtype=torch.long)
+        gamma = weight.index_select(0, ids)[0]
+        return gamma, None if bias is None else bias.index_select(0, ids)[0]
+    if style.shape != (batch,):
+        raise ValueError(
+            f"style ids must have shape (N,) = ({batch},), one id per sample, "
+            f"got style of shape {tuple(style.shape)}"
+        )
+    _cin_check_ids(style, num_styles)
+    ids = style.to(device=weight.device, dtype=torch.long)
+    # index_select's gradient is zero outside the selected rows: only chosen styles are trained.
+    return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
+
+
+def conditional_instance_norm(
+    input: Tensor,
+    style: int | Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Conditional instance normalization (Dumoulin et al. 2017, eq. 5).
+
+    .. math::
+
+        y_{ncm} = \gamma_{s_n, c} \frac{x_{ncm} - \mu_{nc}}{\sqrt{\sigma^2_{nc} + \epsilon}}
+            + \beta_{s_n, c}
+
+    with the biased per-sample, per-channel statistics of :func:`stylenorm.stats.mean_var` and
+    one row of the banks :math:`\gamma, \beta \in \mathbb{R}^{S \times C}` per style. A style is
+
+    - an ``int`` or a 0-dim integer tensor: one style for the whole batch;
+    - an integer tensor ``(N,)``: style :math:`s_n` for sample :math:`n`;
+    - a floating tensor ``(N, S)`` or ``(S,)`` of mixing weights :math:`w` (style interpolation,
+      Dumoulin et al. 2017 sec. 4): :math:`\gamma_n = \sum_s w_{ns} \gamma_s` and
+      :math:`\beta_n = \sum_s w_{ns} \beta_s`, i.e. ``w @ weight`` and ``w @ bias``. The weights
+      are not normalized; use a convex combination to interpolate.
+
+    Only the selected rows (rows with a non-zero mixing weight) receive a non-zero gradient. Ids
+    are checked before anything is computed: an id outside ``[0, S)`` raises ``IndexError``.
+
+    Computed as one fused group-norm pass (the batch viewed as ``N*C`` groups), or one
+    statistics pass and one ``addcmul`` pass for channels_last input with per-sample styles;
+    channels_last input gives channels_last output.
+
+    Args:
+        input: features ``(N, C, *spatial)``.
+        style: style id(s) or mixing weights, see above.
+        weight: the :math:`\gamma` bank, ``(S, C)``.
+        bias: the :math:`\beta` bank, ``(S, C)``, or None for no shift.
+        eps: added to the variance inside the square root. Default: 1e-5.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; style: ``int``, :math:`()`, :math:`(N)`, :math:`(N, S)`
+          or :math:`(S)`
+        - Output: :math:`(N, C, *)`, same memory format as the input
+
+    Example:
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> weight, bias = torch.rand(4, 3), torch.randn(4, 3)
+        >>> y = conditional_instance_norm(x, torch.tensor([0, 3]), weight, bias)
+        >>> ref = torch.nn.functional.instance_norm(x[1:], weight=weight[3], bias=bias[3])
+        >>> torch.allclose(y[1:], ref, atol=1e-5)
+        True
+    """
+    input = stats.check_features(input, "input")
+    eps = _style_check_eps(eps)
+    _cin_check_bank(weight, bias, input.shape[1])
+    gamma, beta = _cin_select(style, weight, bias, input.shape[0])
+    dtype = stats.compute_dtype(input.dtype)
+    return _cin_normalize(input, gamma.to(dtype), None if beta is None else beta.to(dtype), eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptive instance normalization
+# --------------------------------------------------------------------------------------------
+
+
+class StyleRegion(NamedTuple):
+    """One region of :func:`adain_regions`: where (``content_mask``) which style goes.
+
+    A plain tuple ``(style, content_mask)`` or ``(style, content_mask, style_mask)`` works too.
+
+    Attributes:
+        style: style features ``(N or 1, C, *style_spatial)``.
+        content_mask: weights ``(N or 1, 1 or C, *spatial)`` in [0, 1] over the content: where
+            the content statistics are measured and the stylized output is written.
+        style_mask: optional non-negative weights ``(N or 1, 1 or C, *style_spatial)``: which
+            style positions count in the style statistics.
+    """
+
+    style: Tensor
+    content_mask: Tensor
+    style_mask: Tensor | None = None
+
+
+def _adain_shape_error(name: str, what: str, got: Tensor, content: Tensor) -> ValueError:
+    return ValueError(
+        f"{name} must {what}; got {name} of shape {tuple(got.shape)} "
+        f"for content of shape {tuple(content.shape)}"
+    )
+
+
+def _adain_image_stats(
+    style: object,
+    style_mask: object,
+    content: Tensor,
+    correction: float,
+    eps: float,
+    name: str = "style",
+    mask_name: str = "style_mask",
+) -> tuple[Tensor, Tensor]:
+    """Mean and std ``(N or 1, C)`` of a style image batch, in the content's compute dtype."""
+    s = stats.check_features(style, name)
+    if s.shape[1] != content.shape[1]:
+        raise _adain_shape_error(name, "have the content's number of channels", s, content)
+    if s.shape[0] not in (1, content.shape[0]):
+        raise _adain_shape_error(name, "have batch size 1 or the content's batch size", s, content)
+    mask = None if style_mask is None else stats.check_mask(style_mask, s, mask_name, name)
+    mean, var = stats._mean_var(s, correction, mask)
+    dtype = stats.compute_dtype(content.dtype)
+    return mean.to(dtype), (var + eps).sqrt().to(dtype)
+
+
+def _adain_given_stats(value: object, name: str, content: Tensor) -> Tensor:
+    """A precomputed statistic as a tensor broadcastable to ``content``, keepdim form."""
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {type(value).__name__}")
+    n, c, rank = content.shape[0], content.shape[1], content.dim()
+    shape = tuple(value.shape)
+    if shape == (c,):
+        value = value.reshape(1, c)
+    elif not (
+        value.dim() in (2, rank)
+        and shape[0] in (1, n)
+        and shape[1] == c
+        and all(v in (1, s) for v, s in zip(shape[2:], content.shape[2:], strict=False))
+    ):
+        raise _adain_shape_error(
+            name,
+            "have shape (C,), (N or 1, C) or (N or 1, C, *spatial) matching content",
+            value,
+            content,
+        )
+    return _style_keepdim(value.to(stats.compute_dtype(content.dtype)), rank)
+
+
+def _adain_check_weights(weights: object, count: int, content: Tensor) -> Tensor:
+    if not isinstance(weights, Tensor) or not weights.is_floating_point():
+        raise TypeError(
+            f"style_weights must be a floating-point tensor, got {type(weights).__name__}"
+        )
+    n = content.shape[0]
+    if weights.shape not in ((count,), (n, count)):
+        raise ValueError(
+            f"style_weights must have shape (N, K) = ({n}, {count}) or (K,) = ({count},) for "
+            f"K={count} styles and content of shape {tuple(content.shape)}, got "
+            f"style_weights of shape {tuple(weights.shape)}"
+        )
+    return weights.to(stats.compute_dtype(content.dtype)).reshape(-1, count)
+
+
+def _adain_split(value: object, name: str, images: bool) -> list[object]:
+    """The K entries of a sequence, or of a tensor stacked along dim 0.
+
+    A stack of style images (``images=True``) keeps a batch dim of 1 per entry.
+    """
+    if isinstance(value, Tensor):
+        return [value[k : k + 1] if images else value[k] for k in range(value.shape[0])]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(value)
+    raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(value).__name__}")
+
+
+def _adain_style_stats(
+    content: Tensor,
+    style: Tensor | Sequence[Tensor] | None,
+    style_mean: Tensor | Sequence[Tensor] | None,
+    style_std: Tensor | Sequence[Tensor] | None,
+    style_mask: Tensor | Sequence[Tensor | None] | None,
+    style_weights: Tensor | None,
+    correction: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Target mean and std, broadcastable to ``content`` (keepdim form), compute dtype."""
+    rank = content.dim()
+    if style is not None:
+        if style_mean is not None or style_std is not None:
+            raise ValueError("give either style or style_mean/style_std, not both")
+    else:
+        if style_mean is None or style_std is None:
+            missing = "style_mean" if style_mean is None else "style_std"
+            raise ValueError(f"{missing} is required: give style, or both style_mean and style_std")
+        if style_mask is not None:
+            raise ValueError("style_mask needs style images; it cannot apply to style_mean/std")
+
+    if style_weights is None:
+        if style is not None:
+            if not isinstance(style, Tensor):
+                raise TypeError(
+                    f"style must be a tensor (a sequence of styles needs style_weights), "
+                    f"got {type(style).__name__}"
+                )
+            mean, std = _adain_image_stats(style, style_mask, content, correction, eps)
+            return _style_keepdim(mean, rank), _style_keepdim(std, rank)
+        return (
+            _adain_given_stats(style_mean, "style_mean", content),
+            _adain_given_stats(style_std, "style_std", content),
+        )
+
+    # Interpolation of K styles (Huang & Belongie 2017, sec. 7): AdaIN is affine in (mean, std),
+    # so mixing the K outputs equals one AdaIN with the mixed statistics.
+    means: list[Tensor] = []
+    stds: list[Tensor] = []
+    if style is not None:
+        styles = _adain_split(style, "style", images=True)
+        masks: list[object] = [None] * len(styles)
+        if style_mask is not None:
+            masks = _adain_split(style_mask, "style_mask", images=True)
+        if len(masks) != len(styles):
+            raise ValueError(
+                f"style_mask must give one mask (or None) per style: got {len(masks)} masks for "
+                f"{len(styles)} styles"
+            )
+        for k, (s, m) in enumerate(zip(styles, masks, strict=True)):
+            mean, std = _adain_image_stats(
+                s, m, content, correction, eps, f"style[{k}]", f"style_mask[{k}]"
+            )
+            means.append(_style_keepdim(mean, rank))
+            stds.append(_style_keepdim(std, rank))
+    else:
+        assert style_mean is not None and style_std is not None
+        mean_list = _adain_split(style_mean, "style_mean", images=False)
+        std_list = _adain_split(style_std, "style_std", images=False)
+        if len(mean_list) != len(std_list):
+            raise ValueError(
+                f"style_mean and style_std must give the same number of styles, got "
+                f"{len(mean_list)} and {len(std_list)}"
+            )
+        for k, (m, s) in enumerate(zip(mean_list, std_list, strict=True)):
+            means.append(_adain_given_stats(m, f"style_mean[{k}]", content))
+            stds.append(_adain_given_stats(s, f"style_std[{k}]", content))
+    if not means:
+        raise ValueError("interpolation needs at least one style, got an empty sequence")
+    weights = _adain_check_weights(style_weights, len(means), content)
+    first = _style_keepdim(weights[:, 0], rank)
+    mean, std = first * means[0], first * stds[0]
+    for k in range(1, len(means)):
+        w = _style_keepdim(weights[:, k], rank)
+        mean, std = torch.addcmul(mean, w, means[k]), torch.addcmul(std, w, stds[k])
+    return mean, std
+
+
+def _adain_check_alpha(alpha: object, content: Tensor) -> float | Tensor:
+    if isinstance(alpha, bool):
+        raise TypeError("alpha must be a number or a tensor, got bool")
+    if isinstance(alpha, (int, float)):
+        return float(alpha)
+    if not isinstance(alpha, Tensor) or not alpha.is_floating_point():
+        raise TypeError(f"alpha must be a number or a floating tensor, got {type(alpha).__name__}")
+    if alpha.shape not in ((), (content.shape[0],)):
+        raise _adain_shape_error("alpha", "be a number or have shape () or (N,)", alpha, content)
+    return _style_keepdim(alpha.to(stats.compute_dtype(content.dtype)).reshape(-1), content.dim())
+
+
+def _adain_check_content_masks(masks: list[Tensor]) -> None:
+    """Region weights must add up to at most 1 at every position (they split the output)."""
+    if stats._is_compiling() or any(m.device.type == "meta" for m in masks):
+        return
+    total = masks[0] if len(masks) == 1 else sum(masks[1:], masks[0])
+    assert isinstance(total, Tensor)
+    if total.numel() and bool(total.max() > 1 + 1e-5):
+        what = "content_mask" if len(masks) == 1 else "the content masks of all regions"
+        raise ValueError(
+            f"{what} must be at most 1 (in total) at every position, got a maximum of "
+            f"{float(total.max())}: the output blends stylized and content features by it"
+        )
+
+
+def _adain_coefficients(
+    content: Tensor,
+    content_mask: Tensor | None,
+    mean_s: Tensor,
+    std_s: Tensor,
+    alpha: float | Tensor,
+    correction: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    r"""``out = a x + b``: :math:`a = 1 - \alpha + \alpha\sigma_s/\sigma_c`,
+    :math:`b = \alpha(\mu_s - \sigma_s \mu_c / \sigma_c)`."""
+    rank = content.dim()
+    mean_c, var_c = stats._mean_var(content, correction, content_mask)
+    inv_std_c = _style_keepdim(torch.rsqrt(var_c + eps), rank)
+    ratio = std_s * inv_std_c
+    a = alpha * ratio + (1.0 - alpha)
+    b = alpha * (mean_s - ratio * _style_keepdim(mean_c, rank))
+    return a, b
+
+
+def _adain_apply(content: Tensor, terms: list[tuple[Tensor, Tensor, Tensor | None]]) -> Tensor:
+    r"""``x + \sum_r m_r ((a_r - 1) x + b_r)``, i.e. ``A x + B``, as one ``addcmul`` pass."""
+    if len(terms) == 1 and terms[0][2] is None:
+        scale, shift = terms[0][0], terms[0][1]
+    else:
+        # A = 1 + sum_r m_r (a_r - 1), B = sum_r m_r b_r: regions split the output.
+        scale = torch.ones((), dtype=terms[0][0].dtype, device=content.device)
+        shift = torch.zeros((), dtype=terms[0][1].dtype, device=content.device)
+        for a, b, mask in terms:
+            if mask is None:
+                scale, shift = scale + (a - 1.0), shift + b
+            else:
+                scale = torch.addcmul(scale, a - 1.0, mask)
+                shift = torch.addcmul(shift, b, mask)
+    # Spatial maps (masks, SPADE-style statistics) follow the content's layout, so the output
+    # keeps channels_last.
+    layout = stats._memory_format(content)
+    scale = scale.to(content.dtype).contiguous(memory_format=layout)
+    shift = shift.to(content.dtype).contiguous(memory_format=layout)
+    return torch.addcmul(shift, content, scale)
+
+
+def adain(
+    content: Tensor,
+    style: Tensor | Sequence[Tensor] | None = None,
+    *,
+    style_mean: Tensor | Sequence[Tensor] | None = None,
+    style_std: Tensor | Sequence[Tensor] | None = None,
+    alpha: float | Tensor = 1.0,
+    content_mask: Tensor | None = None,
+    style_mask: Tensor | Sequence[Tensor | None] | None = None,
+    style_weights: Tensor | None = None,
+    eps: float = 1e-5,
+    correction: float = 0,
+) -> Tensor:
+    r"""Adaptive instance normalization (Huang & Belongie 2017, eq. 8), with its extensions.
+
+    .. math::
+
+        y = \sigma_s \frac{x - \mu_c}{\sigma_c} + \mu_s, \qquad
+        \text{out} = m \,(\alpha y + (1 - \alpha) x) + (1 - m)\, x
+
+    where :math:`\mu_c, \sigma_c` are the per-sample, per-channel statistics of the content
+    (weighted by the content mask :math:`m` if given, else :math:`m \equiv 1`), :math:`\mu_s,
+    \sigma_s` those of the style (weighted by the style mask) or given directly, and
+    :math:`\sigma = \sqrt{\operatorname{var} + \epsilon}` with the biased variance by default on
+    both sides, so ``adain(x, x)`` returns ``x`` up to rounding.
+
+    - **Style** ``(N or 1, C, *style_spatial)``: any spatial size, batch 1 broadcasts.
+    - **Precomputed statistics** ``style_mean``/``style_std`` instead of ``style`` (a style
+      encoder's output, StyleGAN's :math:`y_s, y_b`): ``(C,)``, ``(N or 1, C)``, or spatial maps
+      ``(N or 1, C, *spatial)`` matching the content (dims of 1 broadcast) for spatially varying
+      modulation (the SPADE idea).
+    - **Interpolation** (paper sec. 7.2): with ``style_weights`` :math:`w` of shape ``(N, K)``
+      or ``(K,)``, ``style`` is a sequence of K style tensors (each ``(N or 1, C, *)``, sizes may
+      differ) or a ``(K, C, *)`` stack of K single style images, and ``style_mask`` a matching
+      sequence (entries may be None) or stack; with precomputed statistics, ``style_mean`` and
+      ``style_std`` are sequences of K entries or tensors stacked along a leading K dim. The
+      statistics are mixed, :math:`\mu_s = \sum_k w_k \mu_k`, :math:`\sigma_s = \sum_k w_k
+      \sigma_k`, in one pass; since AdaIN is affine in :math:`(\mu_s, \sigma_s)`, this equals
+      :math:`\sum_k w_k \operatorname{AdaIN}(x, s_k)` whenever :math:`\sum_k w_k = 1`.
+    - **Content-style trade-off** ``alpha``: 1 is full stylization, 0 returns the content;
+      values outside [0, 1] extrapolate (more, or "negative", style) and are allowed.
+    - **Spatial control** (paper sec. 7.4): ``content_mask`` (values in [0, 1]) restricts where
+      the content statistics are measured and where the output is written: outside it the
+      content passes through, a soft mask blends. ``style_mask`` restricts which style positions
+      count. Statistics are normalized by the mask's total weight. For several regions with
+      several styles in one call see :func:`adain_regions`.
+
+    Gradients flow to the content, the style, the precomputed statistics, the interpolation
+    weights, a soft mask and a tensor ``alpha``, to any order. Without masks, spatial maps or
+    ``correction``, this is one fused group-norm pass (plus one ``add`` when ``alpha != 1``).
+
+    Args:
+        content: content features ``(N, C, *spatial)``.
+        style: style features, or K of them with ``style_weights``.
+        style_mean: precomputed target mean (instead of ``style``).
+        style_std: precomputed target standard deviation (instead of ``style``).
+        alpha: content-style trade-off, a number or a tensor ``()`` or ``(N,)``. Default: 1.
+        content_mask: weights in [0, 1], ``(N or 1, 1 or C, *spatial)``, bool or floating.
+        style_mask: non-negative weights ``(N_s or 1, 1 or C, *style_spatial)`` for ``style``.
+        style_weights: interpolation weights ``(N, K)`` or ``(K,)``.
+        eps: added to both variances inside the square roots. Default: 1e-5.
+        correction: 0 for the biased variance (default), 1 for Bessel's unbiased one (as some
+            ports of AdaIN use); applies to the content and to style images.
+
+    Shape:
+        - Content: :math:`(N, C, *)`; output: the same shape and memory format.
+
+    Example:
+        >>> content, style = torch.randn(2, 3, 16, 16), 5 + 2 * torch.randn(1, 3, 32, 32)
+        >>> out = adain(content, style)
+        >>> mean, std = stats.mean_std(out)
+        >>> bool((mean - 5).abs().max() < 0.3), bool((std - 2).abs().max() < 0.3)
+        (True, True)
+        >>> torch.allclose(adain(content, content), content, atol=1e-5)
+        True
+    """
+    content = stats.check_features(content, "content")
+    eps = _style_check_eps(eps)
+    corr = stats._check_correction(correction)
+    alpha_value = _adain_check_alpha(alpha, content)
+    mean_s, std_s = _adain_style_stats(
+        content, style, style_mean, style_std, style_mask, style_weights, corr, eps
+    )
+    cmask = None
+    if content_mask is not None:
+        cmask = stats.check_mask(content_mask, content, "content_mask", "content")
+        _adain_check_content_masks([cmask])
+    n, c, rank = content.shape[0], content.shape[1], content.dim()
+    per_channel = mean_s.shape[2:] == std_s.shape[2:] == (1,) * (rank - 2)
+    shared = mean_s.shape[0] == std_s.shape[0] == 1 and not isinstance(alpha_value, Tensor)
+    fused = (
+        cmask is None
+        and per_channel
+        and corr == 0
+        and (shared or stats._memory_format(content) == torch.contiguous_format)
+    )
+    if fused:
+        # alpha * y + (1 - alpha) x with y an instance norm scaled by std_s and shifted by mean_s.
+        scale = (alpha_value * std_s).reshape(-1, c)
+        shift = (alpha_value * mean_s).reshape(-1, c)
+        if not shared:
+            scale, shift = scale.expand(n, c), shift.expand(n, c)
+        out = _cin_normalize(content, scale, shift, eps)
+        if isinstance(alpha_value, Tensor):
+            return torch.addcmul(out, content, (1.0 - alpha_value).to(content.dtype))
+        if alpha_value != 1.0:
+            return torch.add(out, content, alpha=1.0 - alpha_value)
+        return out
+    a, b = _adain_coefficients(content, cmask, mean_s, std_s, alpha_value, corr, eps)
+    return _adain_apply(content, [(a, b, cmask)])
+
+
+def adain_regions(
+    content: Tensor,
+    regions: Sequence[StyleRegion | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor | None]],
+    *,
+    alpha: float | Tensor = 1.0,
+    eps: float = 1e-5,
+    correction: float = 0,
+) -> Tensor:
+    r"""AdaIN with several styles in several regions at once (Huang & Belongie 2017, sec. 7.4).
+
+    .. math::
+
+        \text{out} = x + \sum_r m_r \left(\alpha y_r + (1 - \alpha) x - x\right), \qquad
+        y_r = \sigma_{s_r} \frac{x - \mu_{c,r}}{\sigma_{c,r}} + \mu_{s_r}
+
+    Region :math:`r` is a :class:`StyleRegion` ``(style, content_mask, style_mask=None)``: the
+    content statistics :math:`\mu_{c,r}, \sigma_{c,r}` are measured under ``content_mask``
+    :math:`m_r`, the style statistics under ``style_mask``, and :math:`y_r` is written where
+    :math:`m_r` is set. Positions outside every region keep the content; soft masks blend. The
+    content masks must add up to at most 1 at every position (disjoint binary masks are the
+    paper's case). Each region is exactly :func:`adain` with that region's masks, and the result
+    is computed in one pass over the content per region plus one output pass.
+
+    Args:
+        content: content features ``(N, C, *spatial)``.
+        regions: a non-empty sequence of :class:`StyleRegion` or plain tuples
+            ``(style, content_mask)`` / ``(style, content_mask, style_mask)``.
+        alpha: content-style trade-off shared by all regions (number, or tensor ``()``/``(N,)``).
+        eps: added to the variances inside the square roots. Default: 1e-5.
+        correction: 0 (biased, default) or 1 (unbiased) variance.
+
+    Shape:
+        - Content: :math:`(N, C, *)`; masks :math:`(N \text{ or } 1, 1 \text{ or } C, *)`;
+          output: the same shape as the content.
+
+    Example:
+        >>> content = torch.randn(1, 3, 8, 8)
+        >>> left = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+        >>> left[..., :4] = True
+        >>> sky, ground = torch.randn(1, 3, 8, 8) + 4, torch.randn(1, 3, 8, 8) - 4
+        >>> out = adain_regions(content, [(sky, left), (ground, ~left)])
+        >>> bool(out[..., :4].mean() > 3), bool(out[..., 4:].mean() < -3)
+        (True, True)
+    """
+    content = stats.check_features(content, "content")
+    eps = _style_check_eps(eps)
+    corr = stats._check_correction(correction)
+    alpha_value = _adain_check_alpha(alpha, content)
+    if isinstance(regions, Tensor) or not isinstance(regions, Sequence) or len(regions) == 0:
+        raise ValueError("regions must be a non-empty sequence of (style, content_mask[, mask])")
+    parsed: list[StyleRegion] = []
+    for r, item in enumerate(regions):
+        if not isinstance(item, tuple) or len(item) not in (2, 3):
+            raise TypeError(
+                f"regions[{r}] must be a StyleRegion or a tuple (style, content_mask[, "
+                f"style_mask]), got {type(item).__name__}"
+            )
+        parsed.append(StyleRegion(*item))
+    masks = [
+        stats.check_mask(p.content_mask, content, f"regions[{r}].content_mask", "content")
+        for r, p in enumerate(parsed)
+    ]
+    _adain_check_content_masks(masks)
+    terms: list[tuple[Tensor, Tensor, Tensor | None]] = []
+    for r, (region, mask) in enumerate(zip(parsed, masks, strict=True)):
+        mean_s, std_s = _adain_image_stats(
+            region.style,
+            region.style_mask,
+            content,
+            corr,
+            eps,
+            f"regions[{r}].style",
+            f"regions[{r}].style_mask",
+        )
+        a, b = _adain_coefficients(
+            content,
+            mask,
+            _style_keepdim(mean_s, content.dim()),
+            _style_keepdim(std_s, content.dim()),
+            alpha_value,
+            corr,
+            eps,
+        )
+        terms.append((a, b, mask))
+    return _adain_apply(content, terms)
+
+
+# ==============================================================================================
+# Style losses: Gram matrices, Gram loss, mean/std loss and MMD
+# ==============================================================================================
+
+GRAM_NORMALIZATIONS = ("none", "hw", "chw")
+LOSS_REDUCTIONS = ("mean", "sum", "batchmean", "none")
+MMD_KERNELS = ("linear", "polynomial", "gaussian")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers (shared by every loss; shapes are checked in Python, values in eager only)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        expected = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {expected}; got {value!r}")
+    return value
+
+
+def _check_same_channels(
+    input_channels: int,
+    target_channels: int,
+    input_name: str = "input",
+    target_name: str = "target",
+) -> None:
+    if input_channels != target_channels:
+        raise ValueError(
+            f"{target_name} must have the channels of {input_name}: expected C={input_channels}, "
+            f"got C={target_channels}"
+        )
+
+
+def _check_batch(
+    input_batch: int, target_batch: int, input_name: str = "input", target_name: str = "target"
+) -> None:
+    if target_batch not in (1, input_batch):
+        raise ValueError(
+            f"{target_name} must have batch size 1 (one target for every sample) or "
+            f"{input_batch} (the batch size of {input_name}); got batch size {target_batch}"
+        )
+
+
+def _check_pair(input: object, target: object) -> tuple[Tensor, Tensor]:
+    x = stats.check_features(input, "input")
+    y = stats.check_features(target, "target")
+    _check_same_channels(x.shape[1], y.shape[1])
+    _check_batch(x.shape[0], y.shape[0])
+    return x, y
+
+
+def _check_non_negative(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _check_weight_total(total: Tensor, minimum: float, name: str) -> None:
+    """Raise if a mask's total weight is at most ``minimum`` anywhere (eager mode only)."""
+    if stats._is_compiling() or total.device.type == "meta" or total.numel() == 0:
+        return
+    if bool(total.min() <= minimum):
+        need = (
+            "a positive total weight"
+            if minimum == 0
+            else (f"a total weight greater than correction={minimum:g}")
+        )
+        raise ValueError(
+            f"{name} must have {need} for every sample"
+            + ("" if total.dim() == 1 else " and channel")
+            + f"; got a minimum total weight of {float(total.min())}"
+        )
+
+
+def _loss_position_weights(mask: Tensor | None, x: Tensor, name: str, x_name: str) -> Tensor | None:
+    """Validate a per-position mask for a Gram/MMD and return it as ``(N or 1, 1, M)`` weights.
+
+    Per-channel masks are rejected: a Gram entry pairs two channels, so weighting channel ``i``
+    and ``j`` differently has no single meaning.
+    """
+    if mask is None:
+        return None
+    w = stats.check_mask(mask, x, name, x_name)
+    if w.shape[1] != 1:
+        raise ValueError(
+            f"{name} must weight positions, not channels: expected shape (N or 1, 1, *spatial) "
+            f"for {x_name} of shape {tuple(x.shape)}; got {name} of shape {tuple(mask.shape)}"
+        )
+    w = w.to(stats.compute_dtype(x.dtype)).reshape(w.shape[0], 1, -1)
+    _check_weight_total(w.sum(-1).reshape(-1), 0.0, name)
+    return w
+
+
+def _loss_features(x: Tensor) -> Tensor:
+    """The ``(N, C, M)`` feature matrices in the compute dtype (reshape: x may be strided)."""
+    return x.to(stats.compute_dtype(x.dtype)).reshape(x.shape[0], x.shape[1], -1)
+
+
+def _loss_reduce(per_element: Tensor, reduction: str) -> Tensor:
+    """Reduce an ``(N, ...)`` tensor of per-element losses as documented in the module."""
+    if reduction == "mean":
+        return per_element.mean()
+    if reduction == "sum":
+        return per_element.sum()
+    if reduction == "batchmean":
+        return per_element.sum() / per_element.shape[0]
+    return per_element.reshape(per_element.shape[0], -1).mean(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Gram matrix and Gram loss
+# --------------------------------------------------------------------------------------------
+
+
+def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) -> Tensor:
+    """Unvalidated Gram matrices of ``x`` in the compute dtype; ``weights`` is ``(N|1, 1, M)``."""
+    features = _loss_features(x)
+    if center:
+        mask = None if weights is None else weights.reshape(weights.shape[0], 1, *x.shape[2:])
+        mean, _ = stats._mean_var(x, 0.0, mask)
+        features = features - mean.to(features.dtype).unsqueeze(-1)
+    if weights is None:
+        gram = torch.bmm(features, features.mT)
+        count = float(features.shape[-1])
+        if normalize == "none":
+            return gram
+        return gram * (1.0 / (count if normalize == "hw" else count * x.shape[1]))
+    gram = torch.bmm(features * weights, features.mT)
+    if normalize == "none":
+        return gram
+    total = weights.sum(-1, keepdim=True)
+    return gram / (total if normalize == "hw" else total * x.shape[1])
+
+
+def gram_matrix(
+    x: Tensor, *, normalize: str = "chw", mask: Tensor | None = None, center: bool = False
+) -> Tensor:
+    r"""Per-sample Gram matrices of feature maps (Gatys et al. 2015, eq. 3).
+
+    .. math::
+
+        G_n = \frac{1}{Z} F_n \operatorname{diag}(w_n) F_n^\top, \qquad
+        Z = \begin{cases} 1 & \texttt{"none"} \\ W_n & \texttt{"hw"} \\ C\,W_n & \texttt{"chw"}
+        \end{cases}
+
+    where :math:`F_n` is the ``(C, M)`` feature matrix of sample :math:`n`, :math:`w_n` the
+    position weights (all ones without a mask) and :math:`W_n = \sum_m w_{nm}` (:math:`= M`
+    without a mask). With ``center=True`` the weighted mean of each channel (from
+    :func:`stylenorm.stats.mean_var`) is removed first, so ``normalize="hw"`` gives the biased
+    channel covariance.
+
+    Args:
+        x: features of shape ``(N, C, *spatial)``, any number (at least one) of spatial dims.
+        normalize: ``"none"``, ``"hw"`` (divide by the number of positions) or ``"chw"``
+            (divide by channels times positions, the default, as PyTorch's fast-neural-style).
+        mask: optional non-negative position weights of shape ``(N or 1, 1, *spatial)``, bool or
+            floating, with a positive total for every sample. Per-channel masks are rejected
+            (a Gram entry pairs two channels). The count in ``"hw"``/``"chw"`` is the mask's
+            total weight.
+        center: subtract the (weighted) channel means before forming the Gram matrix.
+
+    Returns:
+        Gram matrices of ``x``'s dtype. Half/bfloat16 inputs are multiplied and summed in
+        float32; only the result is rounded, so ``"hw"``/``"chw"`` Grams are safe, but a float16
+        ``"none"`` Gram (a sum over all positions) can exceed float16's range: use the losses,
+        which stay in float32, or ``x.float()``.
+
+    Shape:
+        - x: ``(N, C, *spatial)``
+        - output: ``(N, C, C)``
+
+    Example:
+        >>> x = torch.randn(2, 3, 4, 5)
+        >>> g = gram_matrix(x, normalize="hw")
+        >>> g.shape
+        torch.Size([2, 3, 3])
+        >>> f = x.reshape(2, 3, 20)
+        >>> torch.allclose(g, f @ f.mT / 20, atol=1e-6)
+        True
+    """
+    x = stats.check_features(x, "x")
+    _check_choice(normalize, "normalize", GRAM_NORMALIZATIONS)
+    weights = _loss_position_weights(mask, x, "mask", "x")
+    return _loss_gram(x, normalize, weights, bool(center)).to(x.dtype)
+
+
+def _gram_loss_from_gram(
+    input: Tensor,
+    target_gram: Tensor,
+    *,
+    normalize: str,
+    reduction: str,
+    center: bool,
+    mask: Tensor | None,
+) -> Tensor:
+    """:func:`gram_loss` with the target's Gram matrices precomputed (``(1 or N, C, C)``)."""
+    input = stats.check_features(input, "input")
+    _check_same_channels(input.shape[1], target_gram.shape[1])
+    _check_batch(input.shape[0], target_gram.shape[0])
+    weights = _loss_position_weights(mask, input, "mask", "input")
+    gram = _loss_gram(input, normalize, weights, center)
+    target_gram = target_gram.to(gram.dtype).expand_as(gram)
+    if reduction == "none":
+        return _loss_reduce((gram - target_gram).square(), reduction)
+    loss = F.mse_loss(gram, target_gram, reduction="sum" if reduction == "batchmean" else reduction)
+    return loss / input.shape[0] if reduction == "batchmean" else loss
+
+
+def gram_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    normalize: str = "chw",
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+    target_mask: Tensor | None = None,
+    center: bool = False,
+) -> Tensor:
+    r"""Squared error between the Gram matrices of ``input`` and ``target`` (Gatys et al. 2015).
+
+    .. math::
+
+        \ell_n = \frac{1}{C^2} \sum_{i,j} \big(G(x)_{n,ij} - G(y)_{n,ij}\big)^2
+
+    with :math:`G` the :func:`gram_matrix` of the same ``normalize``, ``center`` and masks;
+    ``reduction="mean"`` returns :math:`\frac{1}{N}\sum_n \ell_n` (the ``mse_loss`` of the
+    Grams), ``"sum"`` returns :math:`C^2 \sum_n \ell_n`, ``"batchmean"``
+    :math:`\frac{C^2}{N}\sum_n \ell_n` and ``"none"`` the vector :math:`(\ell_n)`.
+
+    Named conventions (Gatys' :math:`\frac{1}{4 C^2 M^2}\sum(G-A)^2`, fast-neural-style's
+    ``chw`` Gram, Magenta, pystiche) are in :mod:`stylenorm.losses`.
+
+    Args:
+        input: features ``(N, C, *spatial)``, usually of the image being optimised.
+        target: style features ``(1 or N, C, *spatial')``; the spatial size may differ.
+        normalize: ``"none"``, ``"hw"`` or ``"chw"`` (default); see :func:`gram_matrix`.
+        reduction: ``"mean"`` (default), ``"sum"``, ``"batchmean"`` or ``"none"``.
+        mask, target_mask: optional position weights ``(N or 1, 1, *spatial)`` of each side.
+        center: compare channel covariances instead of raw Gram matrices.
+
+    Returns:
+        A scalar, or ``(N,)`` for ``reduction="none"``; float32 for half/bfloat16 inputs,
+        otherwise ``input``'s dtype. Differentiable in ``input`` and ``target``.
+
+    Shape:
+        - input: ``(N, C, *spatial)``, target: ``(1 or N, C, *spatial')``
+        - output: ``()`` or ``(N,)``
+
+    Example:
+        >>> x, y = torch.randn(2, 3, 8, 8), torch.randn(1, 3, 6, 6)
+        >>> loss = gram_loss(x, y)
+        >>> g = gram_matrix(x)
+        >>> torch.allclose(loss, torch.nn.functional.mse_loss(g, gram_matrix(y).expand_as(g)))
+        True
+    """
+    input, target = _check_pair(input, target)
+    _check_choice(normalize, "normalize", GRAM_NORMALIZATIONS)
+    _check_choice(reduction, "reduction", LOSS_REDUCTIONS)
+    target_weights = _loss_position_weights(target_mask, target, "target_mask", "target")
+    target_gram = _loss_gram(target, normalize, target_weights, bool(center))
+    return _gram_loss_from_gram(
+        input,
+        target_gram,
+        normalize=normalize,
+        reduction=reduction,
+        center=bool(center),
+        mask=mask,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Mean / standard deviation loss
+# --------------------------------------------------------------------------------------------
+
+
+def _loss_mean_var(
+    x: Tensor, correction: float, mask: Tensor | None, name: str, x_name: str
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance in the compute dtype, with mask errors that name the argument."""
+    if mask is None:
+        return stats._mean_var(x, correction, None)
+    w = stats.check_mask(mask, x, name, x_name)
+    total = w.sum(tuple(range(2, w.dim()))).expand(x.shape[0], x.shape[1])
+    _check_weight_total(total, correction, name)
+    return stats._mean_var(x, correction, w)
+
+
+def _mean_std_loss_from_stats(
+    input: Tensor,
+    target_mean: Tensor,
+    target_std: Tensor,
+    *,
+    eps: float,
+    correction: float,
+    reduction: str,
+    mask: Tensor | None,
+) -> Tensor:
+    """:func:`mean_std_loss` with the target's ``(1 or N, C)`` mean and std precomputed."""
+    input = stats.check_features(input, "input")
+    _check_same_channels(input.shape[1], target_mean.shape[1])
+    _check_batch(input.shape[0], target_mean.shape[0])
+    mean, var = _loss_mean_var(input, correction, mask, "mask", "input")
+    std = (var + eps).sqrt()
+    per_channel = (mean - target_mean.to(mean.dtype)).square() + (
+        std - target_std.to(std.dtype)
+    ).square()
+    return _loss_reduce(per_channel, reduction)
+
+
+def _loss_target_mean_std(
+    target: Tensor, eps: float, correction: float, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    mean, var = _loss_mean_var(target, correction, mask, "target_mask", "target")
+    return mean, (var + eps).sqrt()
+
+
+def _check_mean_std_options(
+    eps: object, target_eps: object, correction: object, reduction: object
+) -> tuple[float, float, float]:
+    eps_value = _check_non_negative(eps, "eps")
+    target_value = (
+        eps_value if target_eps is None else _check_non_negative(target_eps, "target_eps")
+    )
+    corr = stats._check_correction(correction)
+    _check_choice(reduction, "reduction", LOSS_REDUCTIONS)
+    return eps_value, target_value, corr
+
+
+def mean_std_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    eps: float = 1e-5,
+    target_eps: float | None = None,
+    correction: float = 0,
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+    target_mask: Tensor | None = None,
+) -> Tensor:
+    r"""Squared error between per-channel means plus between per-channel standard deviations.
+
+    The AdaIN style loss (Huang & Belongie 2017, as their code computes it: squared errors) and
+    the BN-statistics loss of Li et al. 2017:
+
+    .. math::
+
+        \ell_{nc} = (\mu_{nc}(x) - \mu_{nc}(y))^2 + (\sigma_{nc}(x) - \sigma_{nc}(y))^2,
+        \qquad \sigma = \sqrt{\operatorname{var} + \epsilon}
+
+    with the statistics of :func:`stylenorm.stats.mean_std`. ``reduction="mean"`` returns
+    :math:`\frac{1}{NC}\sum_{n,c}\ell_{nc}` (the ``mse_loss`` of the means plus that of the
+    stds), ``"sum"`` the sum, ``"batchmean"`` the sum over channels averaged over the batch
+    (the original Lua AdaIN code) and ``"none"`` the per-sample mean over channels ``(N,)``.
+
+    Args:
+        input: features ``(N, C, *spatial)``.
+        target: style features ``(1 or N, C, *spatial')``.
+        eps: added to the input's variance inside the square root (default ``1e-5``).
+            ``eps=0`` has an infinite gradient on a constant channel.
+        target_eps: the same for the target; ``None`` (default) uses ``eps``.
+        correction: 0 for the biased variance (default), 1 for the unbiased one.
+        reduction: ``"mean"`` (default), ``"sum"``, ``"batchmean"`` or ``"none"``.
+        mask, target_mask: optional weights ``(N or 1, C or 1, *spatial)`` (per-channel masks
+            are allowed here); weighted statistics as in :func:`stylenorm.stats.mean_var`.
+
+    Returns:
+        A scalar, or ``(N,)`` for ``reduction="none"``; float32 for half/bfloat16 inputs.
+
+    Shape:
+        - input: ``(N, C, *spatial)``, target: ``(1 or N, C, *spatial')``
+        - output: ``()`` or ``(N,)``
+
+    Example:
+        >>> x, y = torch.randn(2, 3, 8, 8), 2 + 3 * torch.randn(1, 3, 8, 8)
+        >>> loss = mean_std_loss(x, y)
+        >>> (mx, sx), (my, sy) = stats.mean_std(x), stats.mean_std(y)
+        >>> mse = torch.nn.functional.mse_loss
+        >>> torch.allclose(loss, mse(mx, my.expand_as(mx)) + mse(sx, sy.expand_as(sx)))
+        True
+    """
+    input, target = _check_pair(input, target)
+    eps_value, target_value, corr = _check_mean_std_options(eps, target_eps, correction, reduction)
+    target_mean, target_std = _loss_target_mean_std(target, target_value, corr, target_mask)
+    return _mean_std_loss_from_stats(
+        input,
+        target_mean,
+        target_std,
+        eps=eps_value,
+        correction=corr,
+        reduction=reduction,
+        mask=mask,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Maximum mean discrepancy
+# --------------------------------------------------------------------------------------------
+
+
+class _MMDSide(NamedTuple):
+    r"""What the MMD needs of one side's per-position feature vectors.
+
+    Closed-form kernels (linear, polynomial of degree 1 or 2) need only the weighted ``mean``
+    ``(B, C)`` and second ``moment`` ``(B, C, C)``; the others keep the ``features``
+    ``(B, C, M)``, the normalized position ``weights`` ``(B or 1, 1, M)`` and, for a cached
+    target, the ``self_term`` :math:`\sum_{ij} q_i q_j k(y_i, y_j)` of shape ``(B,)``.
+    """
+
+    mean: Tensor | None = None
+    moment: Tensor | None = None
+    features: Tensor | None = None
+    weights: Tensor | None = None
+    self_term: Tensor | None = None
+
+
+def _mmd_closed_form(kernel: str, degree: int) -> bool:
+    return kernel == "linear" or (kernel == "polynomial" and degree <= 2)
+
+
+def _check_mmd_options(
+    kernel: object, degree: object, offset: object, sigma: object, reduction: object
+) -> tuple[str, int, float, float]:
+    name = _check_choice(kernel, "kernel", MMD_KERNELS)
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"degree must be a positive integer, got {degree!r}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise TypeError(f"offset must be a number, got {type(offset).__name__}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    _check_choice(reduction, "reduction", LOSS_REDUCTIONS)
+    return name, degree, float(offset), float(sigma)
+
+
+def _loss_kernel_matrix(
+    a: Tensor, b: Tensor, kernel: str, degree: int, offset: float, sigma: float
+) -> Tensor:
+    """``(B, Ma, Mb)`` kernel values between the columns of ``a`` ``(B, C, Ma)`` and ``b``."""
+    if kernel == "gaussian":
+        # Distances are shift-invariant: centring on a's mean keeps |a|^2 + |b|^2 - 2 a.b
+        # from cancelling catastrophically on features with a large mean.
+        shift = a.detach().mean(-1, keepdim=True)
+        a, b = a - shift, b - shift
+        squared = a.square().sum(1).unsqueeze(2) + b.square().sum(1).unsqueeze(1) - 2 * (a.mT @ b)
+        return torch.exp(squared * (-0.5 / sigma**2))
+    return (a.mT @ b + offset).pow(degree)
+
+
+def _loss_kernel_mean(kernel_matrix: Tensor, p: Tensor, q: Tensor) -> Tensor:
+    r""":math:`\sum_{ij} p_i q_j K_{ij}` per batch entry; ``p``, ``q`` are ``(B or 1, 1, M)``."""
+    batch = kernel_matrix.shape[0]
+    left = p.expand(batch, 1, p.shape[-1])
+    right = q.expand(batch, 1, q.shape[-1])
+    return torch.bmm(torch.bmm(left, kernel_matrix), right.mT).reshape(batch)
+
+
+def _mmd_side(
+    x: Tensor,
+    weights: Tensor | None,
+    kernel: str,
+    degree: int,
+    offset: float,
+    sigma: float,
+    with_self_term: bool,
+) -> _MMDSide:
+    """Summarise one side; ``weights`` are the raw ``(B or 1, 1, M)`` position weights."""
+    if _mmd_closed_form(kernel, degree):
+        mask = None if weights is None else weights.reshape(weights.shape[0], 1, *x.shape[2:])
+        mean, _ = stats._mean_var(x, 0.0, mask)
+        moment = None
+        if kernel == "polynomial" and degree == 2:
+            moment = _loss_gram(x, "hw", weights, center=False)
+        return _MMDSide(mean=mean, moment=moment)
+    features = _loss_features(x)
+    if weights is None:
+        p = features.new_full((1, 1, features.shape[-1]), 1.0 / features.shape[-1])
+    else:
+        p = weights / weights.sum(-1, keepdim=True)
+    self_term = None
+    if with_self_term:
+        k = _loss_kernel_matrix(features, features, kernel, degree, offset, sigma)
+        self_term = _loss_kernel_mean(k, p, p)
+    return _MMDSide(features=features, weights=p, self_term=self_term)
+
+
+def _mmd_loss_from_target(
+    input: Tensor,
+    target: _MMDSide,
+    *,
+    kernel: str,
+    degree: int,
+    offset: float,
+    sigma: float,
+    reduction: str,
+    mask: Tensor | None,
+) -> Tensor:
+    """:func:`mmd_loss` with the target summarised by :func:`_mmd_side` (self term included)."""
+    input = stats.check_features(input, "input")
+    reference = target.mean if target.mean is not None else target.features
+    assert reference is not None
+    _check_same_channels(input.shape[1], reference.shape[1])
+    _check_batch(input.shape[0], reference.shape[0])
+    weights = _loss_position_weights(mask, input, "mask", "input")
+    side = _mmd_side(input, weights, kernel, degree, offset, sigma, with_self_term=True)
+    if side.mean is not None:
+        assert target.mean is not None
+        # Linear: k = a.b gives |mu_x - mu_y|^2. Polynomial degree 2: (a.b + c)^2 expands to
+        # |S_x - S_y|_F^2 + 2c |mu_x - mu_y|^2 with S the second-moment matrix (c^2 cancels).
+        # Degree 1: (a.b + c) gives the linear result, the offset cancels.
+        per_sample = (side.mean - target.mean.to(side.mean.dtype)).square().sum(1)
+        if side.moment is not None:
+            assert target.moment is not None
+            moment_term = (side.moment - target.moment.to(side.moment.dtype)).square().sum((1, 2))
+            per_sample = moment_term + (2 * offset) * per_sample
+        return _loss_reduce(per_sample, reduction)
+    assert side.features is not None and side.weights is not None and side.self_term is not None
+    assert target.features is not None and target.weights is not None
+    assert target.self_term is not None
+    batch = input.shape[0]
+    target_features = target.features.to(side.features.dtype).expand(batch, -1, -1)
+    cross_matrix = _loss_kernel_matrix(
+        side.features, target_features, kernel, degree, offset, sigma
+    )
+    cross = _loss_kernel_mean(cross_matrix, side.weights, target.weights.to(cross_matrix.dtype))
+    per_sample = side.self_term - 2 * cross + target.self_term.to(cross.dtype)
+    return _loss_reduce(per_sample, reduction)
+
+
+def mmd_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    kernel: str = "polynomial",
+    degree: int = 2,
+    offset: float = 0.0,
+    sigma: float = 1.0,
+    reduction: str = "mean",
+    mask: Tensor | None = None,
+    target_mask: Tensor | None = None,
+) -> Tensor:
+    r"""Squared maximum mean discrepancy between per-position features (Li et al. 2017).
+
+    Each sample is read as two sets of :math:`C`-dimensional vectors, the columns
+    :math:`x_i` of the input's and :math:`y_j` of the target's feature matrix, with position
+    weights :math:`p_i = w_i / W` and :math:`q_j` (uniform :math:`1/M` without masks). The
+    biased (V-statistic) estimate is
+
+    .. math::
+
+        \mathrm{MMD}^2 = \sum_{i,i'} p_i p_{i'} k(x_i, x_{i'})
+            + \sum_{j,j'} q_j q_{j'} k(y_j, y_{j'}) - 2 \sum_{i,j} p_i q_j k(x_i, y_j)
+
+    with the kernels of Li et al. 2017 (Demystifying Neural Style Transfer, sec. 3):
+    ``"linear"`` :math:`k(a,b) = a^\top b`, ``"polynomial"`` :math:`(a^\top b + c)^d`
+    (``offset`` :math:`c`, ``degree`` :math:`d`) and ``"gaussian"``
+    :math:`\exp(-\lVert a-b \rVert^2 / 2\sigma^2)`.
+
+    Identities (tested): the linear kernel gives :math:`\lVert \mu_x - \mu_y \rVert^2`, the
+    squared distance between the mean feature vectors; the polynomial kernel of degree 2 and
+    offset 0 gives :math:`\sum_{ij}(G_x - G_y)_{ij}^2 / M^2` for unnormalized Grams and equal
+    :math:`M`, i.e. :math:`C^2` times the ``"hw"`` Gram loss. These (and polynomial degree 1 or 2
+    with any offset) are computed in closed form from means and :math:`C\times C` moments.
+    Other kernels form the :math:`M_x \times M_x` and :math:`M_x \times M_y` kernel matrices:
+    memory :math:`O(N M^2)`, e.g. 64 MiB per sample at 64×64 positions in float32.
+
+    Args:
+        input: features ``(N, C, *spatial)``.
+        target: features ``(1 or N, C, *spatial')``.
+        kernel: ``"linear"``, ``"polynomial"`` (default) or ``"gaussian"``.
+        degree: polynomial degree, a positive integer (default 2).
+        offset: polynomial offset :math:`c` (default 0).
+        sigma: Gaussian bandwidth :math:`\sigma > 0` (default 1, in feature units: choose it
+            near the typical distance between feature vectors).
+        reduction: over the per-sample values: ``"mean"`` (default) and ``"batchmean"`` average
+            them, ``"sum"`` sums them, ``"none"`` returns them ``(N,)``.
+        mask, target_mask: optional position weights ``(N or 1, 1, *spatial)``.
+
+    Returns:
+        A scalar or ``(N,)``; float32 for half/bfloat16 inputs. The V-statistic is non-negative
+        for positive-definite kernels up to rounding (it is not clamped, to keep gradients).
+
+    Shape:
+        - input: ``(N, C, *spatial)``, target: ``(1 or N, C, *spatial')``
+        - output: ``()`` or ``(N,)``
+
+    Example:
+        >>> x, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        >>> mmd = mmd_loss(x, y, reduction="none")
+        >>> gx, gy = gram_matrix(x, normalize="none"), gram_matrix(y, normalize="none")
+        >>> torch.allclose(mmd, (gx - gy).square().sum((1, 2)) / 16**2, atol=1e-5)
+        True
+    """
+    input, target = _check_pair(input, target)
+    kernel, degree, offset, sigma = _check_mmd_options(kernel, degree, offset, sigma, reduction)
+    target_weights = _loss_position_weights(target_mask, target, "target_mask", "target")
+    target_side = _mmd_side(target, target_weights, kernel, degree, offset, sigma, True)
+    return _mmd_loss_from_target(
+        input,
+        target_side,
+        kernel=kernel,
+        degree=degree,
+        offset=offset,
+        sigma=sigma,
+        reduction=reduction,
+        mask=mask,
+    )

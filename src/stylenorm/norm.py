@@ -6,9 +6,9 @@ Each class subclasses torch's class of the same name, so the constructor, parame
 in user or library code (``convert_sync_batchnorm``, weight-decay filters, freezing helpers) still
 holds. Only the computation is replaced, by :mod:`stylenorm.functional`:
 
-- instance norm runs as one fused group-norm pass (several times faster on CPU, keeps
-  channels_last), with correct gradients for a batch of one whose incoming gradient is
-  channels_last (torch 2.13's CPU kernel returns wrong ones);
+- instance norm runs as one fused group-norm pass (several times faster on CPU), with correct
+  gradients for a batch of one whose incoming gradient is channels_last (torch 2.13's CPU kernel
+  returns wrong ones);
 - an empty batch returns an empty output and leaves every running statistic, and
   ``num_batches_tracked``, untouched (torch's ``InstanceNorm`` raises ``IndexError`` or writes NaN
   into its running statistics; torch's ``BatchNorm`` counts the empty step, which skews
@@ -60,7 +60,7 @@ class _BatchNorm(_TorchBatchNorm):
             self.training
             and self.track_running_stats
             and self.num_batches_tracked is not None
-            and input.shape[0] > 0
+            and input.numel() > 0  # an empty batch is not a step (see functional.batch_norm)
         ):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average

@@ -22,12 +22,27 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "adain",
+    "adain_lua_style_loss",
+    "adain_pytorch_style_loss",
+    "adain_regions",
     "batch_norm",
     "batch_norm_running_stats",
+    "conditional_instance_norm",
+    "gatys2015_style_loss",
+    "gram_loss",
+    "gram_matrix",
     "instance_norm",
     "instance_norm_running_stats",
+    "li2017_bn_style_loss",
+    "magenta_style_loss",
     "mean_std",
+    "mean_std_loss",
     "mean_var",
+    "mmd_loss",
+    "pystiche_gram_loss",
+    "pytorch_examples_style_loss",
+    "style_adain",
 ]
 
 Array = NDArray[np.float64]
@@ -152,3 +167,323 @@ def batch_norm_running_stats(
     new_mean = (1 - momentum) * _f64(running_mean) + momentum * mean
     new_var = (1 - momentum) * _f64(running_var) + momentum * var
     return new_mean, new_var
+
+
+# ==============================================================================================
+# Style layers
+# ==============================================================================================
+
+
+def _as_map(stat: Any, ndim: int) -> Array:
+    """A ``(C,)``, ``(N, C)`` or ``(N, C, *spatial)`` statistic, broadcastable to the features."""
+    stat = _f64(stat)
+    if stat.ndim == 1:
+        stat = stat[None]
+    return np.reshape(stat, stat.shape + (1,) * (ndim - stat.ndim))
+
+
+def _per_sample(value: Any, ndim: int) -> Array:
+    """A number or an ``(N,)`` vector, broadcastable over ``(N, C, *spatial)``."""
+    return np.reshape(_f64(value), (-1,) + (1,) * (ndim - 1))
+
+
+def conditional_instance_norm(
+    x: Any, style: Any, weight: Any, bias: Any = None, eps: float = 1e-5
+) -> Array:
+    r"""Conditional instance norm: :math:`y = \gamma_s (x - \mu) / \sqrt{\sigma^2 + \epsilon} +
+    \beta_s`, the style an int, one id per sample, or mixing weights :math:`\gamma = w \Gamma`."""
+    x, weight = _f64(x), _f64(weight)
+    bias = np.zeros_like(weight) if bias is None else _f64(bias)
+    style = np.asarray(style)
+    if np.issubdtype(style.dtype, np.floating):  # interpolation weights (N, S) or (S,)
+        gamma, beta = style @ weight, style @ bias
+    else:  # one id, or one id per sample
+        gamma, beta = weight[style], bias[style]
+    gamma = np.broadcast_to(gamma, (x.shape[0], x.shape[1]))
+    beta = np.broadcast_to(beta, (x.shape[0], x.shape[1]))
+    return _as_map(gamma, x.ndim) * instance_norm(x, eps=eps) + _as_map(beta, x.ndim)
+
+
+def adain(
+    content: Any,
+    style: Any = None,
+    style_mean: Any = None,
+    style_std: Any = None,
+    alpha: Any = 1.0,
+    content_mask: Any = None,
+    style_mask: Any = None,
+    style_weights: Any = None,
+    eps: float = 1e-5,
+    correction: float = 0,
+) -> Array:
+    r"""AdaIN: :math:`y = \sigma_s (x - \mu_c) / \sigma_c + \mu_s`, then
+    :math:`m (\alpha y + (1 - \alpha) x) + (1 - m) x`.
+
+    With ``style_weights`` (N, K) or (K,), ``style`` (or ``style_mean``/``style_std``) is a list of
+    K entries (``style_mask`` a list of K masks or None) and the statistics are mixed:
+    :math:`\mu_s = \sum_k w_k \mu_k`, :math:`\sigma_s = \sum_k w_k \sigma_k`.
+    """
+    x = _f64(content)
+    if style_weights is None:
+        if style is not None:
+            style_mean, style_std = mean_std(style, eps, correction, style_mask)
+        mu_s, sigma_s = _as_map(style_mean, x.ndim), _as_map(style_std, x.ndim)
+    else:
+        w = np.atleast_2d(_f64(style_weights))
+        if style is not None:
+            masks = [None] * len(style) if style_mask is None else style_mask
+            pairs = [mean_std(s, eps, correction, m) for s, m in zip(style, masks, strict=True)]
+            style_mean, style_std = [p[0] for p in pairs], [p[1] for p in pairs]
+        mu_s, sigma_s = np.zeros(()), np.zeros(())
+        for k in range(w.shape[1]):
+            mu_s = mu_s + _per_sample(w[:, k], x.ndim) * _as_map(style_mean[k], x.ndim)
+            sigma_s = sigma_s + _per_sample(w[:, k], x.ndim) * _as_map(style_std[k], x.ndim)
+    mu_c, sigma_c = mean_std(x, eps, correction, content_mask)
+    y = sigma_s * (x - _as_map(mu_c, x.ndim)) / _as_map(sigma_c, x.ndim) + mu_s
+    a = _per_sample(alpha, x.ndim)
+    z = a * y + (1 - a) * x
+    m = 1.0 if content_mask is None else _f64(content_mask)
+    return np.asarray(m * z + (1 - m) * x, dtype=np.float64)
+
+
+def adain_regions(
+    content: Any, regions: Any, alpha: float = 1.0, eps: float = 1e-5, correction: float = 0
+) -> Array:
+    r"""Spatial control: :math:`x + \sum_r m_r (z_r - x)` with :math:`z_r` the AdaIN output of
+    region ``(style, content_mask[, style_mask])`` (statistics measured under its masks)."""
+    x = _f64(content)
+    out = x.copy()
+    for region in regions:
+        style, mask = region[0], region[1]
+        style_mask = region[2] if len(region) > 2 else None
+        z = adain(
+            x,
+            style,
+            alpha=alpha,
+            style_mask=style_mask,
+            eps=eps,
+            correction=correction,
+            content_mask=mask,
+        )  # = m z_r + (1 - m) x
+        out += z - x
+    return out
+
+
+def style_adain(x: Any, w: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Array:
+    r"""StyleGAN's AdaIN (Karras et al. 2019, eq. 1): :math:`[\gamma, \beta] = w A^T + b`,
+    :math:`y = \gamma \operatorname{IN}(x) + \beta`; ``weight`` ``(2C, D)``, ``bias`` ``(2C,)``."""
+    x = _f64(x)
+    styles = _f64(w) @ _f64(weight).T + _f64(bias)
+    c = x.shape[1]
+    gamma, beta = styles[:, :c], styles[:, c:]
+    return _as_map(gamma, x.ndim) * instance_norm(x, eps=eps) + _as_map(beta, x.ndim)
+
+
+# ==============================================================================================
+# Style losses and the published conventions
+# ==============================================================================================
+
+
+def _flat(x: Any) -> Array:
+    """``(N, C, *spatial)`` -> ``(N, C, M)`` float64."""
+    arr = np.asarray(x, dtype=np.float64)
+    return np.asarray(arr.reshape(arr.shape[0], arr.shape[1], -1))
+
+
+def _position_weights(mask: Any, x: Array) -> Array:
+    """``(N, M)`` position weights of a ``(N or 1, 1, *spatial)`` mask (ones without one)."""
+    if mask is None:
+        return np.ones((x.shape[0], x.shape[2]))
+    w = np.asarray(mask, dtype=np.float64)
+    return np.asarray(np.broadcast_to(w.reshape(w.shape[0], -1), (x.shape[0], x.shape[2])))
+
+
+def _reduce(per_element: Array, reduction: str) -> Array:
+    if reduction == "mean":
+        return np.asarray(per_element.mean())
+    if reduction == "sum":
+        return np.asarray(per_element.sum())
+    if reduction == "batchmean":
+        return np.asarray(per_element.sum() / per_element.shape[0])
+    if reduction == "none":
+        return np.asarray(per_element.reshape(per_element.shape[0], -1).mean(axis=1))
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def gram_matrix(x: Any, normalize: str = "chw", mask: Any = None, center: bool = False) -> Array:
+    r""":math:`G = F \operatorname{diag}(w) F^\top / Z`, :math:`Z \in \{1, W, C W\}`; ``(N, C, C)``.
+
+    ``W`` is the total position weight (``M`` without a mask); ``center`` first removes the
+    weighted channel means.
+    """
+    x_arr = np.asarray(x, dtype=np.float64)
+    f = _flat(x_arr)
+    w = _position_weights(mask, f)
+    if center:
+        mean, _ = mean_var(x_arr, 0, None if mask is None else np.asarray(mask, dtype=np.float64))
+        f = f - mean[:, :, None]
+    gram = np.einsum("ncm,ndm,nm->ncd", f, f, w)
+    total = w.sum(axis=1)[:, None, None]
+    divisor = {"none": np.ones_like(total), "hw": total, "chw": f.shape[1] * total}[normalize]
+    return np.asarray(gram / divisor)
+
+
+def gram_loss(
+    input: Any,
+    target: Any,
+    normalize: str = "chw",
+    reduction: str = "mean",
+    mask: Any = None,
+    target_mask: Any = None,
+    center: bool = False,
+) -> Array:
+    r"""Squared error of Gram matrices, the target's broadcast over the batch when it has one."""
+    g_x = gram_matrix(input, normalize, mask, center)
+    g_y = gram_matrix(target, normalize, target_mask, center)
+    return _reduce((g_x - g_y) ** 2, reduction)
+
+
+def mean_std_loss(
+    input: Any,
+    target: Any,
+    eps: float = 1e-5,
+    target_eps: float | None = None,
+    correction: float = 0,
+    reduction: str = "mean",
+    mask: Any = None,
+    target_mask: Any = None,
+) -> Array:
+    r""":math:`(\mu_x - \mu_y)^2 + (\sigma_x - \sigma_y)^2` per (sample, channel), then reduced;
+    :math:`\sigma = \sqrt{\mathrm{var} + \epsilon}` (``target_eps`` for the target, default
+    ``eps``)."""
+    target_eps = eps if target_eps is None else target_eps
+    mu_x, var_x = mean_var(input, correction, mask)
+    mu_y, var_y = mean_var(target, correction, target_mask)
+    sigma_x, sigma_y = np.sqrt(var_x + eps), np.sqrt(var_y + target_eps)
+    return _reduce((mu_x - mu_y) ** 2 + (sigma_x - sigma_y) ** 2, reduction)
+
+
+def _kernel(a: Array, b: Array, kernel: str, degree: int, offset: float, sigma: float) -> Array:
+    """Kernel matrix between the rows of ``a`` ``(Ma, C)`` and of ``b`` ``(Mb, C)``."""
+    if kernel == "linear":
+        return np.asarray(a @ b.T)
+    if kernel == "polynomial":
+        return np.asarray((a @ b.T + offset) ** degree)
+    squared_distance = ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1)
+    return np.asarray(np.exp(-squared_distance / (2 * sigma**2)))
+
+
+def mmd_loss(
+    input: Any,
+    target: Any,
+    kernel: str = "polynomial",
+    degree: int = 2,
+    offset: float = 0.0,
+    sigma: float = 1.0,
+    reduction: str = "mean",
+    mask: Any = None,
+    target_mask: Any = None,
+) -> Array:
+    r"""Biased squared MMD per sample (Li et al. 2017) between the per-position feature vectors,
+    :math:`p^\top K_{xx} p + q^\top K_{yy} q - 2 p^\top K_{xy} q` with :math:`p = w / \sum w`.
+    """
+    fx, fy = _flat(input), _flat(target)
+    fy = np.broadcast_to(fy, (fx.shape[0], *fy.shape[1:]))
+    wx, wy = _position_weights(mask, fx), _position_weights(target_mask, fy)
+    values = []
+    for n in range(fx.shape[0]):
+        x, y = fx[n].T, fy[n].T  # (M, C): one feature vector per position
+        p, q = wx[n] / wx[n].sum(), wy[n] / wy[n].sum()
+        k_xx = _kernel(x, x, kernel, degree, offset, sigma)
+        k_yy = _kernel(y, y, kernel, degree, offset, sigma)
+        k_xy = _kernel(x, y, kernel, degree, offset, sigma)
+        values.append(p @ k_xx @ p + q @ k_yy @ q - 2 * p @ k_xy @ q)
+    per_sample = np.array(values)
+    return per_sample if reduction == "none" else _reduce(per_sample, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Published conventions, each in its source's own terms (one layer; sum layers yourself)
+# --------------------------------------------------------------------------------------------
+
+
+def gatys2015_style_loss(input: Any, target: Any) -> Array:
+    r"""Gatys et al. 2015, eq. 4: :math:`E = \frac{1}{4 N_l^2 M_l^2} \sum_{ij} (G_{ij} - A_{ij})^2`
+    with unnormalized Grams, :math:`N_l` channels, :math:`M_l` positions (of the input); averaged
+    over the batch (the paper has one image)."""
+    fx, fy = _flat(input), _flat(target)
+    channels, positions = fx.shape[1], fx.shape[2]
+    losses = []
+    for n in range(fx.shape[0]):
+        g = fx[n] @ fx[n].T
+        a = fy[n % fy.shape[0]] @ fy[n % fy.shape[0]].T
+        losses.append(((g - a) ** 2).sum() / (4 * channels**2 * positions**2))
+    return np.asarray(np.mean(losses))
+
+
+def pytorch_examples_style_loss(input: Any, target: Any) -> Array:
+    r"""pytorch/examples fast_neural_style: ``gram = F F^T / (C H W)`` per sample, then
+    ``mse_loss`` (mean over N·C·C) against the style Gram repeated over the batch."""
+    fx, fy = _flat(input), _flat(target)
+    g_x = fx @ fx.transpose(0, 2, 1) / (fx.shape[1] * fx.shape[2])
+    g_y = fy @ fy.transpose(0, 2, 1) / (fy.shape[1] * fy.shape[2])
+    return np.asarray(((g_x - np.broadcast_to(g_y, g_x.shape)) ** 2).mean())
+
+
+def magenta_style_loss(input: Any, target: Any) -> Array:
+    r"""Magenta image_stylization ``learning.py``: ``gram = F^T F / (H W)``, then the mean of the
+    squared difference over ``[1, 2]`` (C·C, per sample), then the mean over the batch."""
+    fx, fy = _flat(input), _flat(target)
+    g_x = np.einsum("ncm,ndm->ncd", fx, fx) / fx.shape[2]
+    g_y = np.einsum("ncm,ndm->ncd", fy, fy) / fy.shape[2]
+    per_sample = ((g_x - g_y) ** 2).mean(axis=(1, 2))
+    return np.asarray(per_sample.mean())
+
+
+def pystiche_gram_loss(input: Any, target: Any, score_weight: float = 1.0) -> Array:
+    r"""pystiche ``GramLoss`` defaults: ``gram_matrix(x, normalize=True)`` divides ``F F^T`` by
+    the number of positions; ``mse_loss`` (mean) times ``score_weight`` (1)."""
+    fx, fy = _flat(input), _flat(target)
+    g_x = np.matmul(fx, fx.transpose(0, 2, 1)) / fx.shape[-1]
+    g_y = np.matmul(fy, fy.transpose(0, 2, 1)) / fy.shape[-1]
+    return np.asarray(score_weight * np.mean((g_x - np.broadcast_to(g_y, g_x.shape)) ** 2))
+
+
+def adain_lua_style_loss(input: Any, target: Any) -> Array:
+    r"""xunhuang1995/AdaIN-style ``lib/StyleINLossModule.lua`` as trained (on CUDA): input std
+    ``nn.Sqrt(1e-6)`` of the biased variance, i.e. :math:`\sqrt{\mathrm{var} + 10^{-6}}`; style
+    std ``torch.std(y, 3, true)`` (biased, no eps); ``MSECriterion`` with ``sizeAverage=false``
+    (a sum over N·C) for the means and for the stds, each divided by N."""
+    fx, fy = _flat(input), _flat(target)
+    mu_x, mu_y = fx.mean(axis=2), fy.mean(axis=2)
+    std_x = np.sqrt(((fx - mu_x[:, :, None]) ** 2).mean(axis=2) + 1e-6)
+    std_y = np.sqrt(((fy - mu_y[:, :, None]) ** 2).mean(axis=2))
+    batch = fx.shape[0]
+    mean_loss = ((mu_x - mu_y) ** 2).sum() / batch
+    std_loss = ((std_x - std_y) ** 2).sum() / batch
+    return np.asarray(mean_loss + std_loss)
+
+
+def adain_pytorch_style_loss(input: Any, target: Any) -> Array:
+    r"""naoto0804/pytorch-AdaIN ``calc_mean_std``: ``sqrt(var(dim=2) + 1e-5)`` with torch's default
+    unbiased variance, on both sides; ``MSELoss()`` (mean over N·C) of means plus of stds."""
+    fx, fy = _flat(input), _flat(target)
+    std_x = np.sqrt(fx.var(axis=2, ddof=1) + 1e-5)
+    std_y = np.sqrt(fy.var(axis=2, ddof=1) + 1e-5)
+    mu_x, mu_y = fx.mean(axis=2), fy.mean(axis=2)
+    mu_y, std_y = np.broadcast_to(mu_y, mu_x.shape), np.broadcast_to(std_y, std_x.shape)
+    return np.asarray(((mu_x - mu_y) ** 2).mean() + ((std_x - std_y) ** 2).mean())
+
+
+def li2017_bn_style_loss(input: Any, target: Any) -> Array:
+    r"""Li et al. 2017 (Demystifying NST), BN-statistics loss:
+    :math:`\frac{1}{N_l}\sum_i (\mu^i_x - \mu^i_y)^2 + (\sigma^i_x - \sigma^i_y)^2` over the
+    :math:`N_l` channels, biased :math:`\sigma`, no eps; averaged over the batch."""
+    fx, fy = _flat(input), _flat(target)
+    per_sample = []
+    for n in range(fx.shape[0]):
+        x, y = fx[n], fy[n % fy.shape[0]]
+        d_mean = (x.mean(axis=1) - y.mean(axis=1)) ** 2
+        d_std = (x.std(axis=1) - y.std(axis=1)) ** 2
+        per_sample.append((d_mean + d_std).sum() / x.shape[0])
+    return np.asarray(np.mean(per_sample))

@@ -118,9 +118,9 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 class _MeanVar(torch.autograd.Function):
     """Mean and variance over the trailing dims with one fused reduction and a closed-form VJP.
 
-    The forward pass uses the group-norm reduction kernel with one group per channel: a single
-    Welford-style pass, numerically stable on features with a large mean, and many times faster
-    than ``torch.var_mean`` on CPU. The backward pass is the exact derivative
+    The forward pass uses the (contiguous) group-norm reduction kernel with one group per channel:
+    a single Welford-style pass, numerically stable on features with a large mean, and many times
+    faster than ``torch.var_mean`` on CPU. The backward pass is the exact derivative
 
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
 
@@ -131,7 +131,9 @@ class _MeanVar(torch.autograd.Function):
     def forward(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
         m = _num_positions(x)
-        xs = x.to(compute_dtype(x.dtype)).contiguous(memory_format=_memory_format(x))
+        # Always the contiguous kernel: torch's channels_last CPU group-norm kernel computes the
+        # variance as E[x^2] - E[x]^2, which cancels on features with a large mean.
+        xs = x.to(compute_dtype(x.dtype)).contiguous()
         _, mean, rstd = torch.ops.aten.native_group_norm(xs, None, None, n, c, m, c, 0.0)
         mean = mean.reshape(n, c)
         # rstd = 1 / sqrt(var); a constant channel gives rstd = inf and var = 0 exactly.

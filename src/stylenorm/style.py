@@ -1,0 +1,453 @@
+r"""Style layers: ``ConditionalInstanceNorm1d/2d/3d``, ``AdaIN`` and ``StyleAdaIN``.
+
+Thin modules over :mod:`stylenorm.functional` (the math lives there): the conditional norms own
+one :math:`\gamma` and one :math:`\beta` row per style (Dumoulin et al. 2017), ``AdaIN`` is
+parameter-free (Huang & Belongie 2017) and ``StyleAdaIN`` maps a style code to the AdaIN
+statistics with a learned linear layer (Karras et al. 2019). The style is always an argument of
+``forward``, never state stored on the module.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+
+__all__ = [
+    "AdaIN",
+    "ConditionalInstanceNorm1d",
+    "ConditionalInstanceNorm2d",
+    "ConditionalInstanceNorm3d",
+    "StyleAdaIN",
+]
+
+_CIN = TypeVar("_CIN", bound="_ConditionalInstanceNorm")
+
+
+class _ConditionalInstanceNorm(nn.Module):
+    """Shared behaviour of the conditional instance norms; subclasses set the expected rank."""
+
+    _batched_dim: int  # rank of a batched input: 3, 4 or 5
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        num_features: int,
+        num_styles: int,
+        eps: float = 1e-5,
+        *,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_features <= 0 or num_styles <= 0:
+            raise ValueError(
+                f"num_features and num_styles must be positive, got num_features={num_features} "
+                f"and num_styles={num_styles}"
+            )
+        self.num_features = num_features
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_styles, num_features, **factory))  # type: ignore[arg-type]
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_styles, num_features, **factory))  # type: ignore[arg-type]
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @property
+    def num_styles(self) -> int:
+        """Number of styles :math:`S`: the rows of the banks."""
+        return int(self.weight.shape[0])
+
+    def reset_parameters(self) -> None:
+        """Every style starts as the identity affine map: :math:`\\gamma = 1, \\beta = 0`."""
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_styles={self.num_styles}, eps={self.eps}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (self._batched_dim - 1, self._batched_dim):
+            raise ValueError(
+                f"expected {self._batched_dim - 1}D or {self._batched_dim}D input "
+                f"(got {input.dim()}D input)"
+            )
+        channels = input.shape[-self._batched_dim + 1]
+        if channels != self.num_features:
+            raise ValueError(
+                f"expected input's size at dim={input.dim() - self._batched_dim + 1} to match "
+                f"num_features ({self.num_features}), but got: {channels}."
+            )
+
+    def forward(self, input: Tensor, style: int | Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        self._check_input_dim(input)
+        if input.dim() == self._batched_dim - 1:
+            if isinstance(style, Tensor) and not (
+                style.dim() == 0 or (style.is_floating_point() and style.dim() == 1)
+            ):
+                raise ValueError(
+                    f"unbatched input needs one style for it (an int, a 0-dim id tensor or "
+                    f"(num_styles,) mixing weights), got style of shape {tuple(style.shape)}"
+                )
+            out = functional.conditional_instance_norm(
+                input.unsqueeze(0), style, self.weight, self.bias, self.eps
+            )
+            return out.squeeze(0)
+        return functional.conditional_instance_norm(input, style, self.weight, self.bias, self.eps)
+
+    def style_parameters(self) -> Iterator[nn.Parameter]:
+        """The style banks (``weight``, and ``bias`` if any): train these alone to fit a style.
+
+        Rows of styles absent from a batch get an exactly zero gradient; plain SGD or Adam
+        (without weight decay) leaves them unchanged. Weight decay would shrink every row.
+        """
+        yield self.weight
+        if self.bias is not None:
+            yield self.bias
+
+    @torch.no_grad()
+    def add_styles(
+        self,
+        count: int = 1,
+        init: Literal["mean", "copy", "identity"] = "mean",
+        *,
+        source: int | None = None,
+    ) -> list[int]:
+        """Grow the banks by ``count`` styles; existing rows are kept. Returns the new ids.
+
+        The new rows start as the ``"mean"`` of the existing styles, a ``"copy"`` of style
+        ``source``, or the ``"identity"`` (:math:`\\gamma = 1, \\beta = 0`).
+
+        ``weight`` and ``bias`` become new, larger ``Parameter`` objects: build the optimizer
+        after growing. A ``state_dict`` saved before growing has the old number of rows; load it
+        into a module of that size, then grow it again::
+
+            m = ConditionalInstanceNorm2d(C, old_num_styles)
+            m.load_state_dict(old_state_dict)
+            m.add_styles(k)
+
+        and a state_dict saved after growing loads into a module built with the new
+        ``num_styles``.
+
+        Example:
+            >>> m = ConditionalInstanceNorm2d(3, num_styles=2)
+            >>> m.add_styles(1, init="copy", source=0)
+            [2]
+            >>> m.weight.shape
+            torch.Size([3, 3])
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        old = self.num_styles
+        if init == "copy":
+            if source is None or isinstance(source, bool) or not isinstance(source, int):
+                raise TypeError(f"init='copy' needs an int source style id, got {source!r}")
+            if not 0 <= source < old:
+                raise IndexError(
+                    f"source style id {source} is out of range for num_styles={old} "
+                    f"(valid ids are 0 to {old - 1})"
+                )
+        elif source is not None:
+            raise ValueError(f"source is only used with init='copy', got init={init!r}")
+        if init not in ("mean", "copy", "identity"):
+            raise ValueError(f"init must be 'mean', 'copy' or 'identity', got {init!r}")
+
+        def grown(bank: Tensor, identity: float) -> nn.Parameter:
+            if init == "mean":
+                row = bank.mean(0, keepdim=True)
+            elif init == "copy":
+                row = bank[source : source + 1]  # type: ignore[operator]
+            else:
+                row = torch.full_like(bank[:1], identity)
+            return nn.Parameter(torch.cat([bank, row.expand(count, -1)]), bank.requires_grad)
+
+        self.weight = grown(self.weight, 1.0)
+        if self.bias is not None:
+            self.bias = grown(self.bias, 0.0)
+        return list(range(old, old + count))
+
+    @classmethod
+    def from_instance_norm(cls: type[_CIN], module: nn.Module, num_styles: int) -> _CIN:
+        """Build a conditional norm whose every style starts as an affine InstanceNorm's.
+
+        Takes torch's or stylenorm's ``InstanceNorm{1,2,3}d(affine=True)`` of the matching rank;
+        every row of the banks is its :math:`\\gamma`/:math:`\\beta`, with the same ``eps``,
+        device and dtype. A conditional norm always normalizes with the instance statistics, so
+        running statistics are dropped (a ``UserWarning`` says so when the norm tracks them).
+
+        Example:
+            >>> norm = torch.nn.InstanceNorm2d(3, affine=True)
+            >>> cin = ConditionalInstanceNorm2d.from_instance_norm(norm, num_styles=4)
+            >>> x = torch.randn(2, 3, 8, 8)
+            >>> torch.allclose(cin(x, 3), norm(x), atol=1e-6)
+            True
+        """
+        expected = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
+        kind = expected[cls._batched_dim]
+        if not isinstance(module, kind):
+            raise TypeError(
+                f"{cls.__name__}.from_instance_norm expects a {kind.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        if not module.affine or module.weight is None:
+            raise ValueError(f"{type(module).__name__} must be affine=True to copy its gamma/beta")
+        if module.track_running_stats:
+            warnings.warn(
+                "the InstanceNorm tracks running statistics; the conditional norm always uses "
+                "instance statistics, so its evaluation-mode output differs",
+                UserWarning,
+                stacklevel=2,
+            )
+        weight = module.weight
+        new = cls(
+            module.num_features,
+            num_styles,
+            module.eps,
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            new.weight.copy_(weight.detach().expand_as(new.weight))
+            if new.bias is not None and module.bias is not None:
+                new.bias.copy_(module.bias.detach().expand_as(new.bias))
+        return new
+
+
+_CIN_DOC = r"""Conditional instance normalization over a {rank_in} input (Dumoulin et al. 2017).
+
+    .. math::
+
+        y = \gamma_s \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}}
+            + \beta_s
+
+    with the mean and biased variance per sample and channel over the spatial dimensions, and
+    one learned row :math:`\gamma_s, \beta_s` of the ``(num_styles, num_features)`` banks per
+    style. ``forward(input, style)`` takes the style as an ``int`` (whole batch), an integer
+    tensor ``(N,)`` (one id per sample) or floating mixing weights ``(N, num_styles)`` /
+    ``(num_styles,)`` (style interpolation: :math:`\gamma = w\,\Gamma`, :math:`\beta = w\,B`).
+    Only the selected rows get a gradient. See
+    :func:`stylenorm.functional.conditional_instance_norm`.
+
+    Args:
+        num_features: number of channels :math:`C`.
+        num_styles: number of styles :math:`S`.
+        eps: added to the variance inside the square root. Default: 1e-5.
+        bias: learn :math:`\beta` too (keyword-only). Default: True.
+        device, dtype: factory keyword arguments for the banks.
+
+    Attributes:
+        weight: the :math:`\gamma` bank ``(num_styles, num_features)``, initialized to ones.
+        bias: the :math:`\beta` bank, initialized to zeros, or None.
+
+    Shape:
+        - Input: :math:`{shape_in}` or unbatched :math:`{shape_unbatched}` (with one style)
+        - Style: ``int``, :math:`()`, :math:`(N)`, :math:`(N, S)` or :math:`(S)`
+        - Output: same shape as the input
+
+    Example::
+
+        >>> m = {name}(4, num_styles=3)
+        >>> x = torch.randn({example})
+        >>> m(x, 2).shape == m(x, torch.tensor([0, 2])).shape == x.shape
+        True
+        >>> mixed = m(x, torch.tensor([0.5, 0.5, 0.0]))  # halfway between styles 0 and 1
+    """
+
+
+class ConditionalInstanceNorm1d(_ConditionalInstanceNorm):
+    __doc__ = _CIN_DOC.format(
+        name="ConditionalInstanceNorm1d",
+        rank_in="3D (or unbatched 2D)",
+        shape_in="(N, C, L)",
+        shape_unbatched="(C, L)",
+        example="2, 4, 16",
+    )
+    _batched_dim = 3
+
+
+class ConditionalInstanceNorm2d(_ConditionalInstanceNorm):
+    __doc__ = _CIN_DOC.format(
+        name="ConditionalInstanceNorm2d",
+        rank_in="4D (or unbatched 3D)",
+        shape_in="(N, C, H, W)",
+        shape_unbatched="(C, H, W)",
+        example="2, 4, 8, 8",
+    )
+    _batched_dim = 4
+
+
+class ConditionalInstanceNorm3d(_ConditionalInstanceNorm):
+    __doc__ = _CIN_DOC.format(
+        name="ConditionalInstanceNorm3d",
+        rank_in="5D (or unbatched 4D)",
+        shape_in="(N, C, D, H, W)",
+        shape_unbatched="(C, D, H, W)",
+        example="2, 4, 4, 4, 4",
+    )
+    _batched_dim = 5
+
+
+class AdaIN(nn.Module):
+    r"""Adaptive instance normalization (Huang & Belongie 2017), parameter-free.
+
+    .. math::
+
+        y = \sigma_s \frac{x - \mu_c}{\sigma_c} + \mu_s, \qquad
+        \text{out} = m\,(\alpha y + (1 - \alpha) x) + (1 - m)\,x
+
+    with :math:`\sigma = \sqrt{\operatorname{var} + \epsilon}` on both sides. ``forward`` takes the
+    arguments of :func:`stylenorm.functional.adain` (style images or precomputed statistics,
+    ``alpha``, masks, interpolation weights); :meth:`forward_regions` those of
+    :func:`stylenorm.functional.adain_regions` (several styles in several regions).
+
+    Args:
+        eps: added to the variances inside the square roots. Default: 1e-5.
+        correction: 0 for the biased variance (default), 1 for the unbiased one.
+
+    Shape:
+        - Content: :math:`(N, C, *)`; style: :math:`(N \text{ or } 1, C, *)`
+        - Output: same shape as the content
+
+    Example::
+
+        >>> adain = AdaIN()
+        >>> content, style = torch.randn(2, 3, 16, 16), torch.randn(1, 3, 24, 24)
+        >>> adain(content, style, alpha=0.8).shape
+        torch.Size([2, 3, 16, 16])
+    """
+
+    def __init__(self, eps: float = 1e-5, correction: float = 0) -> None:
+        super().__init__()
+        self.eps = eps
+        self.correction = correction
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, correction={self.correction}"
+
+    def forward(
+        self,
+        content: Tensor,
+        style: Tensor | Sequence[Tensor] | None = None,
+        *,
+        style_mean: Tensor | Sequence[Tensor] | None = None,
+        style_std: Tensor | Sequence[Tensor] | None = None,
+        alpha: float | Tensor = 1.0,
+        content_mask: Tensor | None = None,
+        style_mask: Tensor | Sequence[Tensor | None] | None = None,
+        style_weights: Tensor | None = None,
+    ) -> Tensor:
+        return functional.adain(
+            content,
+            style,
+            style_mean=style_mean,
+            style_std=style_std,
+            alpha=alpha,
+            content_mask=content_mask,
+            style_mask=style_mask,
+            style_weights=style_weights,
+            eps=self.eps,
+            correction=self.correction,
+        )
+
+    def forward_regions(
+        self,
+        content: Tensor,
+        regions: Sequence[
+            functional.StyleRegion | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor | None]
+        ],
+        *,
+        alpha: float | Tensor = 1.0,
+    ) -> Tensor:
+        """Several styles in several regions: :func:`stylenorm.functional.adain_regions`."""
+        return functional.adain_regions(
+            content, regions, alpha=alpha, eps=self.eps, correction=self.correction
+        )
+
+
+class StyleAdaIN(nn.Module):
+    r"""StyleGAN's learned AdaIN (Karras et al. 2019, eq. 1): a style code sets the statistics.
+
+    .. math::
+
+        [\gamma, \beta] = A w + b, \qquad
+        y = \gamma \frac{x - \mu(x)}{\sqrt{\sigma^2(x) + \epsilon}} + \beta
+
+    i.e. :func:`stylenorm.functional.adain` with ``style_std = gamma`` and ``style_mean = beta``.
+    The linear map's bias starts at 1 for the :math:`\gamma` half and 0 for the :math:`\beta`
+    half, so a fresh layer starts close to a plain instance norm; its weight has
+    :class:`torch.nn.Linear`'s default initialization.
+
+    Args:
+        style_dim: size :math:`D` of the style code :math:`w`.
+        num_features: number of channels :math:`C`.
+        eps: added to the variance inside the square root. Default: 1e-5.
+        device, dtype: factory keyword arguments for the linear layer.
+
+    Attributes:
+        affine: the ``Linear(style_dim, 2 * num_features)``; output ``[:C]`` is
+            :math:`\gamma`, ``[C:]`` is :math:`\beta`.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; style code: :math:`(N, D)`
+        - Output: same shape as the input
+
+    Example::
+
+        >>> m = StyleAdaIN(style_dim=16, num_features=8)
+        >>> m(torch.randn(2, 8, 4, 4), torch.randn(2, 16)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+
+    def __init__(
+        self,
+        style_dim: int,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.style_dim = style_dim
+        self.num_features = num_features
+        self.eps = eps
+        self.affine = nn.Linear(style_dim, 2 * num_features, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linear's default weight; bias 1 for :math:`\\gamma`, 0 for :math:`\\beta`."""
+        self.affine.reset_parameters()
+        with torch.no_grad():
+            self.affine.bias[: self.num_features].fill_(1.0)
+            self.affine.bias[self.num_features :].zero_()
+
+    def extra_repr(self) -> str:
+        return f"style_dim={self.style_dim}, num_features={self.num_features}, eps={self.eps}"
+
+    def forward(self, input: Tensor, style: Tensor) -> Tensor:
+        if not isinstance(style, Tensor):
+            raise TypeError(f"style must be a torch.Tensor, got {type(style).__name__}")
+        if style.dim() != 2 or style.shape[1] != self.style_dim:
+            raise ValueError(
+                f"style must be a style code of shape (N, style_dim) = (N, {self.style_dim}), "
+                f"got style of shape {tuple(style.shape)}"
+            )
+        gamma, beta = self.affine(style).chunk(2, dim=1)
+        return functional.adain(input, style_mean=beta, style_std=gamma, eps=self.eps)

@@ -1,0 +1,267 @@
+"""conditional_instance_norm against the NumPy float64 reference, autograd and its error cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+from stylenorm import reference
+from stylenorm.functional import conditional_instance_norm
+
+F64 = torch.float64
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def _style_np(style: int | torch.Tensor) -> object:
+    return style if isinstance(style, int) else style.numpy()
+
+
+def _make(
+    n: int = 3, c: int = 4, spatial: tuple[int, ...] = (5, 6), s: int = 5, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = 2.0 + 3.0 * torch.randn((n, c, *spatial), generator=gen, dtype=F64)
+    weight = torch.rand(s, c, generator=gen, dtype=F64) + 0.5
+    bias = torch.randn(s, c, generator=gen, dtype=F64)
+    return x, weight, bias
+
+
+def _styles(n: int, s: int) -> dict[str, int | torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "int": s - 1,
+        "scalar_tensor": torch.tensor(1),
+        "ids": torch.randint(0, s, (n,), generator=gen),
+        "ids_int32": torch.arange(n, dtype=torch.int32) % s,
+        "mixture": torch.rand(n, s, generator=gen, dtype=F64),
+        "shared_mixture": torch.rand(s, generator=gen, dtype=F64),
+    }
+
+
+MODES = list(_styles(3, 5))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spatial", [(7,), (5, 6), (3, 4, 2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_reference_float64(mode: str, spatial: tuple[int, ...], with_bias: bool) -> None:
+    x, weight, bias = _make(spatial=spatial)
+    style = _styles(3, 5)[mode]
+    out = conditional_instance_norm(x, style, weight, bias if with_bias else None)
+    expected = reference.conditional_instance_norm(
+        _np(x), _style_np(style), _np(weight), _np(bias) if with_bias else None
+    )
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-10, atol=1e-10)
+    assert out.dtype == F64 and out.shape == x.shape
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_channels_last_matches_reference_and_keeps_format(mode: str) -> None:
+    x, weight, bias = _make(spatial=(5, 6))
+    style = _styles(3, 5)[mode]
+    out = conditional_instance_norm(x.to(memory_format=torch.channels_last), style, weight, bias)
+    expected = reference.conditional_instance_norm(_np(x), _style_np(style), _np(weight), _np(bias))
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-10, atol=1e-10)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_non_contiguous_input() -> None:
+    x, weight, bias = _make(spatial=(6, 5))
+    xt = x.transpose(2, 3)
+    ids = torch.tensor([0, 2, 4])
+    out = conditional_instance_norm(xt, ids, weight, bias)
+    expected = reference.conditional_instance_norm(_np(xt), ids.numpy(), _np(weight), _np(bias))
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_mixture_of_one_hot_equals_ids() -> None:
+    # Dumoulin et al.'s interpolation reduces to selection for one-hot weights.
+    x, weight, bias = _make()
+    ids = torch.tensor([4, 0, 2])
+    one_hot = torch.nn.functional.one_hot(ids, 5).to(F64)
+    torch.testing.assert_close(
+        conditional_instance_norm(x, one_hot, weight, bias),
+        conditional_instance_norm(x, ids, weight, bias),
+    )
+
+
+@st.composite
+def _cases(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+    n = draw(st.integers(1, 4))
+    c = draw(st.integers(1, 5))
+    s = draw(st.integers(1, 4))
+    spatial = tuple(draw(st.integers(1, 5)) for _ in range(draw(st.integers(1, 3))))
+    x, weight, bias = _make(n, c, spatial, s, draw(st.integers(0, 2**16)))
+    kind = draw(st.sampled_from(["int", "ids", "mixture", "shared_mixture"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    style: object
+    if kind == "int":
+        style = draw(st.integers(0, s - 1))
+    elif kind == "ids":
+        style = torch.randint(0, s, (n,), generator=gen)
+    elif kind == "mixture":
+        style = torch.randn(n, s, generator=gen, dtype=F64)
+    else:
+        style = torch.randn(s, generator=gen, dtype=F64)
+    return x, weight, bias, style
+
+
+@settings(max_examples=40, deadline=None)
+@given(_cases())
+def test_hypothesis_matches_reference(
+    case: tuple[torch.Tensor, torch.Tensor, torch.Tensor, object],
+):
+    x, weight, bias, style = case
+    assert isinstance(style, (int, torch.Tensor))
+    out = conditional_instance_norm(x, style, weight, bias)
+    expected = reference.conditional_instance_norm(_np(x), _style_np(style), _np(weight), _np(bias))
+    np.testing.assert_allclose(_np(out), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["int", "ids", "mixture", "shared_mixture"])
+def test_gradcheck_and_gradgradcheck(mode: str) -> None:
+    x, weight, bias = _make(n=2, c=3, spatial=(3, 2), s=3)
+    x.requires_grad_()
+    weight.requires_grad_()
+    bias.requires_grad_()
+    style = _styles(2, 3)[mode]
+    if isinstance(style, torch.Tensor) and style.is_floating_point():
+        style = style.clone().requires_grad_()
+        inputs: tuple[torch.Tensor, ...] = (x, weight, bias, style)
+
+        def fn(*args: torch.Tensor) -> torch.Tensor:
+            return conditional_instance_norm(args[0], args[3], args[1], args[2])
+    else:
+        inputs = (x, weight, bias)
+
+        def fn(*args: torch.Tensor) -> torch.Tensor:
+            return conditional_instance_norm(args[0], style, args[1], args[2])
+
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
+def test_gradcheck_channels_last_per_sample() -> None:
+    x, weight, bias = _make(n=2, c=3, spatial=(3, 2), s=3)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    weight.requires_grad_()
+    ids = torch.tensor([2, 0])
+
+    def fn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return conditional_instance_norm(x, ids, weight, bias)
+
+    assert gradcheck(fn, (x, weight))
+    assert gradgradcheck(fn, (x, weight))
+
+
+@pytest.mark.parametrize(
+    "style", [2, torch.tensor([1, 3, 1]), torch.tensor([0.0, 0.3, 0.0, 0.7, 0.0])]
+)
+def test_only_selected_rows_get_gradient(style: int | torch.Tensor) -> None:
+    x, weight, bias = _make()
+    weight.requires_grad_()
+    bias.requires_grad_()
+    out = conditional_instance_norm(x, style, weight, bias)
+    (out * torch.randn_like(out)).sum().backward()
+    selected = {2} if isinstance(style, int) else {1, 3}
+    assert weight.grad is not None and bias.grad is not None
+    for row in range(5):
+        used = row in selected
+        assert bool(weight.grad[row].abs().sum() > 0) == used
+        assert bool(bias.grad[row].abs().sum() > 0) == used
+
+
+@pytest.mark.parametrize(
+    ("style", "error", "needle"),
+    [
+        (5, IndexError, "style id 5"),
+        (-1, IndexError, "style id -1"),
+        (torch.tensor([0, 7, 1]), IndexError, "style id 7"),
+        (torch.tensor([0, -2, 1]), IndexError, "style id -2"),
+        (torch.tensor(9), IndexError, "style id 9"),
+        (torch.tensor([0, 1]), ValueError, "style ids must have shape (N,) = (3,)"),
+        (torch.tensor([[0, 1, 2]]), ValueError, "style ids"),
+        (torch.rand(2, 5, dtype=F64), ValueError, "style mixing weights"),
+        (torch.rand(3, 4, dtype=F64), ValueError, "style mixing weights"),
+        (torch.ones(3, dtype=torch.bool), TypeError, "style"),
+        (True, TypeError, "style"),
+        ("a", TypeError, "style"),
+        (1.5, TypeError, "style"),
+    ],
+)
+def test_style_errors(style: object, error: type[Exception], needle: str) -> None:
+    x, weight, bias = _make()
+    with pytest.raises(error, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        conditional_instance_norm(x, style, weight, bias)  # type: ignore[arg-type]
+
+
+def test_bank_and_input_errors() -> None:
+    x, weight, bias = _make()
+    with pytest.raises(ValueError, match="weight must have shape"):
+        conditional_instance_norm(x, 0, weight[:, :3], bias)
+    with pytest.raises(ValueError, match="bias must have the shape of weight"):
+        conditional_instance_norm(x, 0, weight, bias[:4])
+    with pytest.raises(TypeError, match="weight"):
+        conditional_instance_norm(x, 0, weight.long(), bias)
+    with pytest.raises(TypeError, match="input"):
+        conditional_instance_norm(x.long(), 0, weight, bias)
+    with pytest.raises(ValueError, match="input"):
+        conditional_instance_norm(x[0, 0], 0, weight, bias)
+    with pytest.raises(ValueError, match="eps"):
+        conditional_instance_norm(x, 0, weight, bias, eps=-1.0)
+
+
+def test_inputs_not_modified() -> None:
+    x, weight, bias = _make()
+    mix = torch.rand(3, 5, dtype=F64)
+    copies = [t.clone() for t in (x, weight, bias, mix)]
+    conditional_instance_norm(x, mix, weight, bias)
+    conditional_instance_norm(
+        x.to(memory_format=torch.channels_last), torch.tensor([1, 2, 3]), weight, bias
+    )
+    for before, after in zip(copies, (x, weight, bias, mix), strict=True):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int", "ids", "mixture"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision_close_to_float32(dtype: torch.dtype, mode: str, channels_last: bool) -> None:
+    x, weight, bias = _make(n=3, c=4, spatial=(8, 8))
+    x = x.float()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    style = _styles(3, 5)[mode]
+    if isinstance(style, torch.Tensor) and style.is_floating_point():
+        style = style.float()
+    expected = conditional_instance_norm(x, style, weight.float(), bias.float())
+    for w, b in ((weight.float(), bias.float()), (weight.to(dtype), bias.to(dtype))):
+        out = conditional_instance_norm(x.to(dtype), style, w, b)
+        assert out.dtype == dtype and bool(out.isfinite().all())
+        tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+        torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * 4)
+
+
+def test_constant_channels_finite_values_and_gradients() -> None:
+    x = torch.full((2, 3, 4, 4), 7.0, dtype=F64, requires_grad=True)
+    weight = torch.rand(2, 3, dtype=F64, requires_grad=True)
+    bias = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    out = conditional_instance_norm(x, torch.tensor([0, 1]), weight, bias)
+    # A constant channel normalizes to 0, leaving the bias.
+    torch.testing.assert_close(out, bias[[0, 1]][:, :, None, None].expand_as(out))
+    out.sum().backward()
+    for t in (x, weight, bias):
+        assert t.grad is not None and bool(t.grad.isfinite().all())
+
+
+def test_empty_batch() -> None:
+    x, weight, bias = _make(n=0)
+    out = conditional_instance_norm(x, torch.zeros(0, dtype=torch.long), weight, bias)
+    assert out.shape == x.shape

@@ -1,0 +1,284 @@
+"""Tests of stylenorm.functional.instance_norm / batch_norm against the float64 NumPy reference and
+torch.nn.functional, with float64 gradcheck and gradgradcheck."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.autograd import gradcheck, gradgradcheck
+
+from stylenorm import functional, reference
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def _affine(c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    bias = torch.randn(c, generator=gen, dtype=torch.float64)
+    return weight, bias
+
+
+@st.composite
+def features(draw: st.DrawFn) -> torch.Tensor:
+    spatial = tuple(draw(st.integers(1, 5)) for _ in range(draw(st.integers(1, 3))))
+    if int(np.prod(spatial)) == 1:
+        spatial = (*spatial[:-1], 2)
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 4)), *spatial)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    offset = draw(st.sampled_from([0.0, 3.0, -50.0]))
+    x = offset + draw(st.sampled_from([1e-2, 1.0, 20.0])) * torch.randn(
+        shape, generator=gen, dtype=torch.float64
+    )
+    if x.dim() in (4, 5) and draw(st.booleans()):
+        x = x.contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the float64 reference
+
+
+@settings(max_examples=40, deadline=None)
+@given(features(), st.booleans(), st.sampled_from([1e-5, 1e-2]))
+def test_instance_norm_matches_reference(x: torch.Tensor, affine: bool, eps: float):
+    weight, bias = _affine(x.shape[1], 0) if affine else (None, None)
+    running_mean = torch.randn(x.shape[1], dtype=torch.float64)
+    running_var = torch.rand(x.shape[1], dtype=torch.float64) + 0.5
+    expected_stats = reference.instance_norm_running_stats(
+        _np(x), _np(running_mean), _np(running_var), 0.25
+    )
+    y = functional.instance_norm(x, running_mean, running_var, weight, bias, True, 0.25, eps)
+    expected = reference.instance_norm(_np(x), weight, bias, eps)
+    np.testing.assert_allclose(_np(y), expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_np(running_mean), expected_stats[0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_np(running_var), expected_stats[1], rtol=1e-10, atol=1e-10)
+    # Evaluation with the updated running statistics: batch norm's formula with them.
+    y_eval = functional.instance_norm(x, running_mean, running_var, weight, bias, False, 0.25, eps)
+    expected_eval = reference.batch_norm(
+        _np(x), weight, bias, eps, _np(running_mean), _np(running_var)
+    )
+    np.testing.assert_allclose(_np(y_eval), expected_eval, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(features(), st.booleans(), st.sampled_from([1e-5, 1e-2]))
+def test_batch_norm_matches_reference(x: torch.Tensor, affine: bool, eps: float):
+    weight, bias = _affine(x.shape[1], 1) if affine else (None, None)
+    running_mean = torch.randn(x.shape[1], dtype=torch.float64)
+    running_var = torch.rand(x.shape[1], dtype=torch.float64) + 0.5
+    expected_stats = reference.batch_norm_running_stats(
+        _np(x), _np(running_mean), _np(running_var), 0.25
+    )
+    y = functional.batch_norm(x, running_mean, running_var, weight, bias, True, 0.25, eps)
+    scale = 1 + float(x.abs().max())
+    np.testing.assert_allclose(_np(y), reference.batch_norm(_np(x), weight, bias, eps), 1e-9, 1e-9)
+    np.testing.assert_allclose(_np(running_mean), expected_stats[0], 1e-10, 1e-12 * scale)
+    np.testing.assert_allclose(_np(running_var), expected_stats[1], 1e-9, 1e-12 * scale**2)
+    y_eval = functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.25, eps)
+    expected_eval = reference.batch_norm(
+        _np(x), weight, bias, eps, _np(running_mean), _np(running_var)
+    )
+    np.testing.assert_allclose(_np(y_eval), expected_eval, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("which", ["instance", "batch"])
+def test_half_input_updates_float32_stats_from_float32_statistics(which: str, dtype: torch.dtype):
+    x = (500.0 + torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))).to(dtype)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    if which == "instance":
+        functional.instance_norm(x, running_mean, running_var, momentum=0.5)
+        expected = reference.instance_norm_running_stats(_np(x), np.zeros(3), np.ones(3), 0.5)
+    else:
+        functional.batch_norm(x, running_mean, running_var, training=True, momentum=0.5)
+        expected = reference.batch_norm_running_stats(_np(x), np.zeros(3), np.ones(3), 0.5)
+    np.testing.assert_allclose(_np(running_mean), expected[0], rtol=1e-6)
+    np.testing.assert_allclose(_np(running_var), expected[1], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients
+
+
+GRAD_SHAPES = [(2, 3, 5), (2, 3, 4, 3), (1, 2, 3, 3, 2), (3, 2, 4)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [(shape, False) for shape in GRAD_SHAPES] + [(s, True) for s in GRAD_SHAPES if len(s) > 3],
+    ids=str,
+)
+@pytest.mark.parametrize("which", ["instance", "batch"])
+def test_gradcheck_and_gradgradcheck(which: str, shape: tuple[int, ...], channels_last: bool):
+    gen = torch.Generator().manual_seed(len(shape))
+    x = 1.5 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    if channels_last:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    weight, bias = _affine(shape[1], 3)
+    fn: Callable[..., torch.Tensor]
+    if which == "instance":
+
+        def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return functional.instance_norm(x, None, None, w, b, True, 0.1, 1e-3)
+
+    else:
+
+        def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-3)
+
+    inputs = tuple(t.clone().requires_grad_() for t in (x, weight, bias))
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("which", ["instance", "batch"])
+def test_gradcheck_evaluation_mode(which: str):
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight, bias = (t.requires_grad_() for t in _affine(3, 4))
+    running_mean = torch.randn(3, dtype=torch.float64)
+    running_var = torch.rand(3, dtype=torch.float64) + 0.5
+    fn: Callable[..., torch.Tensor]
+    if which == "instance":
+
+        def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return functional.instance_norm(x, running_mean, running_var, w, b, False)
+
+    else:
+
+        def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return functional.batch_norm(x, running_mean, running_var, w, b, False)
+
+    assert gradcheck(fn, (x, weight, bias))
+    assert gradgradcheck(fn, (x, weight, bias))
+
+
+# ------------------------------------------------------------------------------------------------
+# Same errors as torch.nn.functional
+
+
+def _outcome(call: Callable[[], torch.Tensor]) -> tuple[Any, ...]:
+    try:
+        y = call()
+    except Exception as error:
+        return type(error), str(error)
+    return "ok", tuple(y.shape), y.dtype
+
+
+def _x(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+INSTANCE_CASES: list[tuple[str, Callable[[Callable[..., torch.Tensor]], torch.Tensor]]] = [
+    ("no running stats in eval", lambda f: f(_x(2, 3, 4), use_input_stats=False)),
+    ("1D input", lambda f: f(_x(3))),
+    ("2D input training", lambda f: f(_x(2, 3))),
+    ("2D input eval", lambda f: f(_x(2, 3), torch.zeros(3), torch.ones(3), use_input_stats=False)),
+    ("one spatial element", lambda f: f(_x(2, 3, 1, 1))),
+    ("running_mean size", lambda f: f(_x(2, 3, 4), torch.zeros(4), torch.ones(5))),
+    ("running_var size", lambda f: f(_x(2, 3, 4), torch.zeros(3), torch.ones(5))),
+    ("weight size", lambda f: f(_x(2, 3, 4), None, None, torch.ones(4), torch.ones(5))),
+    ("bias size", lambda f: f(_x(2, 3, 4), None, None, torch.ones(3), torch.ones(5))),
+    (
+        "weight size eval",
+        lambda f: f(_x(2, 3, 4), torch.zeros(3), torch.ones(3), torch.ones(4), None, False),
+    ),
+    (
+        "negative eps eval",
+        lambda f: f(_x(2, 3, 4), torch.zeros(3), torch.ones(3), use_input_stats=False, eps=-0.5),
+    ),
+    (
+        "float64 input, float32 stats eval",
+        lambda f: f(
+            _x(2, 3, 4, dtype=torch.float64), torch.zeros(3), torch.ones(3), None, None, False
+        ),
+    ),
+    ("integer input", lambda f: f(torch.ones(2, 3, 4, dtype=torch.long))),
+]
+BATCH_CASES: list[tuple[str, Callable[[Callable[..., torch.Tensor]], torch.Tensor]]] = [
+    ("one value per channel", lambda f: f(_x(1, 3), None, None, training=True)),
+    ("zero eps training", lambda f: f(_x(2, 3), None, None, training=True, eps=0.0)),
+    ("negative eps eval", lambda f: f(_x(2, 3), torch.zeros(3), torch.ones(3), eps=-1.0)),
+    ("running_mean size", lambda f: f(_x(2, 3, 4), torch.zeros(4), torch.ones(4), training=True)),
+    (
+        "running_mean size, half input",
+        lambda f: f(
+            _x(2, 3, 4, dtype=torch.float16),
+            torch.zeros(4),
+            torch.ones(4),
+            torch.ones(4),
+            training=True,
+        ),
+    ),
+    (
+        "mixed float64 input",
+        lambda f: f(_x(2, 3, dtype=torch.float64), torch.zeros(3), torch.ones(3), training=True),
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "call"), INSTANCE_CASES, ids=[c[0] for c in INSTANCE_CASES])
+def test_instance_norm_errors_match_torch(
+    case: str, call: Callable[[Callable[..., torch.Tensor]], torch.Tensor]
+):
+    expected = _outcome(lambda: call(F.instance_norm))
+    got = _outcome(lambda: call(functional.instance_norm))
+    if case == "integer input":  # both NotImplementedError; the kernel's name differs
+        assert got[0] is expected[0] is NotImplementedError
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize(("case", "call"), BATCH_CASES, ids=[c[0] for c in BATCH_CASES])
+def test_batch_norm_errors_match_torch(
+    case: str, call: Callable[[Callable[..., torch.Tensor]], torch.Tensor]
+):
+    assert _outcome(lambda: call(functional.batch_norm)) == _outcome(lambda: call(F.batch_norm))
+
+
+# ------------------------------------------------------------------------------------------------
+# Empty inputs, and inputs left alone
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (0, 3, 2, 2)], ids=str)
+@pytest.mark.parametrize("which", ["instance", "batch"])
+def test_empty_input_returns_empty_and_keeps_running_stats(which: str, shape: tuple[int, ...]):
+    x = torch.randn(shape, requires_grad=True)
+    weight, bias = (t.float().requires_grad_() for t in _affine(3, 5))
+    running_mean, running_var = torch.full((3,), 0.5), torch.full((3,), 2.0)
+    if which == "instance":
+        y = functional.instance_norm(x, running_mean, running_var, weight, bias, True, 0.1)
+    else:
+        y = functional.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and weight.grad is not None
+    assert torch.equal(weight.grad, torch.zeros(3))
+    assert torch.equal(running_mean, torch.full((3,), 0.5))
+    assert torch.equal(running_var, torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("which", ["instance", "batch"])
+def test_inputs_not_modified(which: str, training: bool):
+    x = torch.randn(3, 2, 4, 4).contiguous(memory_format=torch.channels_last)
+    weight, bias = (t.float() for t in _affine(2, 6))
+    copies = [t.clone() for t in (x, weight, bias)]
+    fn = functional.instance_norm if which == "instance" else functional.batch_norm
+    running_mean, running_var = torch.zeros(2), torch.ones(2)
+    fn(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+    for original, copy in zip((x, weight, bias), copies, strict=True):
+        assert torch.equal(original, copy)
+        assert original.stride() == copy.stride()
