@@ -602,3 +602,17 @@ def test_single_spatial_position() -> None:
 def test_empty_batch() -> None:
     content = torch.zeros(0, C, H, W)
     assert adain(content, torch.randn(1, C, 4, 4)).shape == content.shape
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_large_mean_small_std_float32(layout: str, alpha: float) -> None:
+    # torch's channels_last group-norm kernel cancels here (E[x^2] - E[x]^2); ours must not.
+    gen = torch.Generator().manual_seed(6)
+    content = (100.0 + 0.1 * torch.randn(2, 3, 16, 16, generator=gen)).float()
+    style = (5.0 + 2.0 * torch.randn(1, 3, 8, 8, generator=gen)).float()
+    if layout == "channels_last":
+        content = content.contiguous(memory_format=torch.channels_last)
+    out = adain(content, style, alpha=alpha)
+    expected = reference.adain(content.double().numpy(), style.double().numpy(), alpha=alpha)
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-2, atol=1e-2)

@@ -272,18 +272,21 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     shared = (scale is None or scale.dim() == 1 or n == 1) and (
         shift is None or shift.dim() == 1 or n == 1
     )
-    if shared and not single_position:
-        # One group per channel is instance norm; the kernel keeps channels_last.
+    # Fused group-norm passes for contiguous input only: torch's channels_last CPU group-norm
+    # kernel computes the variance as E[x^2] - E[x]^2, which cancels on features with a large
+    # mean. channels_last takes the statistics path below and keeps its layout.
+    if shared and not single_position and layout == torch.contiguous_format:
+        # One group per channel is instance norm.
         weight = None if scale is None else scale.reshape(c)
         bias = None if shift is None else shift.reshape(c)
-        return F.group_norm(x.contiguous(memory_format=layout), c, weight, bias, eps)
+        return F.group_norm(x, c, weight, bias, eps)
     if layout == torch.contiguous_format and not single_position:
         # (N, C, *spatial) viewed as (1, N*C, *spatial): per-(n, c) weights become per-group ones.
         flat = x.reshape((1, n * c, *x.shape[2:]))
         weight = None if scale is None else scale.expand(n, c).reshape(n * c)
         bias = None if shift is None else shift.expand(n, c).reshape(n * c)
         return F.group_norm(flat, n * c, weight, bias, eps).reshape(x.shape)
-    # channels_last cannot be viewed as (1, N*C, ...): one statistics pass, one addcmul pass.
+    # One statistics pass (stable), one addcmul pass (keeps channels_last).
     mean, var = stats._mean_var(x, 0.0, None)
     a = torch.rsqrt(var + eps)
     if scale is not None:
