@@ -278,7 +278,5 @@ def test_large_mean_small_std_float32(mode: str, layout: str) -> None:
     weight, bias = torch.rand(4, 3, generator=gen) + 0.5, torch.randn(4, 3, generator=gen)
     style = _styles(2, 4)[mode]
     out = conditional_instance_norm(x, style, weight, bias)
-    expected = reference.conditional_instance_norm(
-        _np(x), _style_np(style), _np(weight), _np(bias)
-    )
+    expected = reference.conditional_instance_norm(_np(x), _style_np(style), _np(weight), _np(bias))
     np.testing.assert_allclose(_np(out), expected, rtol=1e-2, atol=1e-2)
