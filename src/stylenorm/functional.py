@@ -7,7 +7,7 @@ here; every statistic comes from :mod:`stylenorm.stats`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,98 @@ def _update_running_stats(
         buffer.copy_(updated)
 
 
+class _ChannelsLastNorm(torch.autograd.Function):
+    r"""Instance normalization with a per-sample, per-channel affine map, for channels_last input.
+
+    ``y = (x - mu) * rsqrt(var + eps) * scale + shift`` with ``scale``/``shift`` of shape (N, C)
+    (or None), computed on the ``(N, M, C)`` view of the input's memory: no transposing copy, the
+    output keeps channels_last, statistics are two-pass stable. Returns ``(y, mean, var)``; the
+    statistics are for running averages and carry no gradient. The backward pass is the closed
+    form (Ulyanov et al.'s instance norm derivative), block by block over positions:
+
+    .. math::
+
+        \partial x = a \Big(g - \overline{g} - \frac{(x - \mu)}{\sigma^2 + \epsilon}
+        \overline{g (x - \mu)}\Big), \qquad a = \frac{\text{scale}}{\sqrt{\sigma^2+\epsilon}}
+
+    with bars the means over positions. Double backward recomputes through differentiable ops.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var = stats._positions_mean_var(stats._positions(x))
+        rstd = torch.rsqrt(var + eps)
+        a = rstd if scale is None else rstd * scale
+        b = -mean * a if shift is None else shift - mean * a
+        view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+        out = torch.addcmul(b.reshape(view), x, a.reshape(view))
+        ctx.save_for_backward(x, scale, shift, mean, rstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, scale, shift, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
+            return _channels_last_norm_double_backward(ctx, grad, x, scale, shift)
+        positions = stats._positions(x)
+        m = positions.shape[1]
+        grads = stats._positions(grad.contiguous(memory_format=stats._memory_format(x)))
+        mean_u = mean.unsqueeze(1)
+        block = stats._position_blocks(positions)
+        sum_g = grads.sum(1)
+        sum_gd = torch.zeros_like(sum_g)  # sum over positions of g * (x - mean)
+        for g_chunk, x_chunk in zip(
+            torch.split(grads, block, 1), torch.split(positions, block, 1), strict=True
+        ):
+            sum_gd += torch.linalg.vecdot(g_chunk, x_chunk - mean_u, dim=1)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            a = rstd if scale is None else rstd * scale
+            coef = (-a * rstd.square() * sum_gd / m).unsqueeze(1)
+            const = (-a * sum_g / m).unsqueeze(1)
+            a_u = a.unsqueeze(1)
+            grad_x = torch.empty_like(x)
+            out = stats._positions(grad_x)
+            for g_chunk, x_chunk, o_chunk in zip(
+                torch.split(grads, block, 1),
+                torch.split(positions, block, 1),
+                torch.split(out, block, 1),
+                strict=True,
+            ):
+                term = (x_chunk - mean_u).mul_(coef).add_(const)
+                torch.addcmul(term, g_chunk, a_u, out=o_chunk)
+        grad_scale = rstd * sum_gd if scale is not None and ctx.needs_input_grad[1] else None
+        grad_shift = sum_g if shift is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_scale, grad_shift, None
+
+
+def _channels_last_norm_double_backward(
+    ctx: Any, grad: Tensor, x: Tensor, scale: Tensor | None, shift: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    mean, var = stats._mean_var(x, 0.0, None)
+    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    y = (x - mean.reshape(view)) * torch.rsqrt(var + ctx.eps).reshape(view)
+    if scale is not None:
+        y = y * scale.reshape(view)
+    if shift is not None:
+        y = y + shift.reshape(view)
+    inputs = (x, scale, shift)
+    wanted = [
+        t
+        for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True)
+        if need and t is not None
+    ]
+    found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+    out = [next(found) if need else None for need in ctx.needs_input_grad[:3]]
+    return out[0], out[1], out[2], None
+
+
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,
@@ -96,7 +188,8 @@ def instance_norm(
         eps: added to the variance inside the square root.
 
     Shape:
-        Input ``(N, C, *spatial)``; output the same shape, contiguous (as torch's).
+        Input ``(N, C, *spatial)``; output the same shape. channels_last input gives a
+        channels_last output (torch copies to contiguous; the values are the same).
 
     Example:
         >>> x = torch.randn(2, 3, 8, 8)
@@ -137,9 +230,9 @@ def instance_norm(
             running_mean = running_mean.to(input.dtype)
             running_var = running_var.to(input.dtype)
         # The aten op, not F.batch_norm: torch's instance norm does not reject a negative eps.
-        # Contiguous, as torch's instance norm returns in every mode.
+        # The output keeps the input's memory format (torch's instance norm copies to contiguous).
         return torch.batch_norm(
-            input.contiguous(),
+            input,
             weight,
             bias,
             running_mean,
@@ -149,11 +242,6 @@ def instance_norm(
             eps,
             torch.backends.cudnn.enabled,
         )
-    if input.numel() > 0 and (running_mean is not None or running_var is not None):
-        with torch.no_grad():
-            # Contiguous: see below (stats reduce channels_last input with the unstable kernel).
-            mean, var = stats._mean_var(input.detach().contiguous(), 1.0, None)
-        _update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum)
     if c == 0:
         return input.clone()
     if input.numel() == 0:
@@ -161,12 +249,45 @@ def instance_norm(
         return torch.batch_norm(
             input, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
+    tracking = running_mean is not None or running_var is not None
+    if stats._memory_format(input) != torch.contiguous_format and _kernel_dtypes_match(
+        input, weight, bias
+    ):
+        # channels_last: statistics on the channels-last view of the same memory and one fused
+        # scale-and-shift pass, no transposing copy; the output keeps channels_last (torch's
+        # copies to contiguous). torch's channels_last group-norm kernel is not used: it computes
+        # the variance as E[x^2] - E[x]^2, which cancels on features with a large mean.
+        n_c = (n, c)
+        scale = None if weight is None else weight.to(stats.compute_dtype(input.dtype)).expand(n_c)
+        shift = None if bias is None else bias.to(stats.compute_dtype(input.dtype)).expand(n_c)
+        x = input.to(stats.compute_dtype(input.dtype))  # half: one rounding at the end
+        out, mean, var = _ChannelsLastNorm.apply(x, scale, shift, eps)  # type: ignore[no-untyped-call]
+        if tracking:
+            m = input[0, 0].numel()
+            _update_running_stats(
+                running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
+            )
+        result: Tensor = out.to(input.dtype)
+        return result
+    if tracking:
+        with torch.no_grad():
+            mean, var = stats._mean_var(input.detach(), 1.0, None)
+        _update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum)
     # One group per channel is instance norm; the group-norm kernel is a single fused pass with
     # correct gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient).
-    # Contiguous only: torch 2.13's channels_last CPU group-norm kernel computes the variance as
-    # E[x^2] - E[x]^2 (float32 input of mean 100, std 0.1 comes out 100% wrong). torch's instance
-    # norm returns a contiguous output for channels_last input too.
     return F.group_norm(input.contiguous(), c, weight, bias, eps)
+
+
+def _kernel_dtypes_match(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether torch's normalization kernels accept these parameter dtypes for ``input``: equal
+    dtypes, or float32 parameters with a half-precision input. Other mixes take the kernel path,
+    which raises torch's own error."""
+    for param in (weight, bias):
+        if param is None or param.dtype == input.dtype:
+            continue
+        if not (input.dtype in (torch.float16, torch.bfloat16) and param.dtype == torch.float32):
+            return False
+    return True
 
 
 def batch_norm(

@@ -115,6 +115,30 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _positions(x: Tensor) -> Tensor:
+    """The ``(N, M, C)`` view of a channels_last ``(N, C, *spatial)`` tensor (a copy otherwise)."""
+    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _position_blocks(positions: Tensor) -> int:
+    """Positions per block so that an ``(N, block, C)`` temporary is about 1 MiB (in cache)."""
+    return max(1, (1 << 18) // max(1, positions.shape[0] * positions.shape[2]))
+
+
+def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each.
+
+    The classic two-pass algorithm (mean, then centred squares), stable on large means; the
+    centring runs block by block so no full-size temporary is allocated.
+    """
+    mean = positions.mean(1, keepdim=True)
+    sum_sq = torch.zeros_like(mean[:, 0])
+    for chunk in torch.split(positions, _position_blocks(positions), 1):
+        centered = chunk - mean
+        sum_sq += torch.linalg.vecdot(centered, centered, dim=1)
+    return mean.squeeze(1), sum_sq / positions.shape[1]
+
+
 class _MeanVar(torch.autograd.Function):
     """Mean and variance over the trailing dims with one fused reduction and a closed-form VJP.
 
@@ -131,13 +155,20 @@ class _MeanVar(torch.autograd.Function):
     def forward(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
         m = _num_positions(x)
-        # Always the contiguous kernel: torch's channels_last CPU group-norm kernel computes the
-        # variance as E[x^2] - E[x]^2, which cancels on features with a large mean.
-        xs = x.to(compute_dtype(x.dtype)).contiguous()
-        _, mean, rstd = torch.ops.aten.native_group_norm(xs, None, None, n, c, m, c, 0.0)
-        mean = mean.reshape(n, c)
-        # rstd = 1 / sqrt(var); a constant channel gives rstd = inf and var = 0 exactly.
-        var = rstd.reshape(n, c).reciprocal().square()
+        xs = x.to(compute_dtype(x.dtype))
+        if _memory_format(xs) != torch.contiguous_format:
+            # channels_last: torch's channels_last group-norm kernel computes the variance as
+            # E[x^2] - E[x]^2, which cancels on features with a large mean, and a contiguous copy
+            # costs a slow transposing pass. The (N, M, C) view of the same memory reduces well
+            # over M, so take the classic two-pass algorithm there: mean, then centred squares.
+            mean, var = _positions_mean_var(_positions(xs))
+        else:
+            _, mean, rstd = torch.ops.aten.native_group_norm(
+                xs.contiguous(), None, None, n, c, m, c, 0.0
+            )
+            mean = mean.reshape(n, c)
+            # rstd = 1 / sqrt(var); a constant channel gives rstd = inf and var = 0 exactly.
+            var = rstd.reshape(n, c).reciprocal().square()
         if correction != 0:
             var = var * (m / (m - correction))
         return mean, var
@@ -162,13 +193,20 @@ class _MeanVar(torch.autograd.Function):
             return None, None
         m = _num_positions(x)
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        grad = torch.zeros((), dtype=mean.dtype, device=x.device)
-        if grad_var is not None:
-            scale = grad_var.reshape(shape) * (2.0 / (m - ctx.correction))  # type: ignore[attr-defined]
-            grad = (x - mean.reshape(shape)) * scale
-        if grad_mean is not None:
-            grad = grad + grad_mean.reshape(shape) / m
-        return grad.to(x.dtype).expand_as(x), None
+        offset = None if grad_mean is None else grad_mean.reshape(shape) / m
+        if grad_var is None:
+            assert offset is not None
+            return offset.to(x.dtype).expand_as(x), None
+        scale = grad_var.reshape(shape) * (2.0 / (m - ctx.correction))  # type: ignore[attr-defined]
+        centered = x - mean.reshape(shape)  # subtract first: exact where x is close to a large mean
+        if torch.is_grad_enabled():  # double backward: stay out of place
+            grad = centered * scale
+            grad = grad if offset is None else grad + offset
+        else:
+            grad = centered.mul_(scale)
+            if offset is not None:
+                grad.add_(offset)
+        return grad.to(x.dtype), None
 
 
 def _weighted_mean_var(x: Tensor, mask: Tensor, correction: float) -> tuple[Tensor, Tensor]:
