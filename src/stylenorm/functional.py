@@ -407,7 +407,16 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
         weight = None if scale is None else scale.expand(n, c).reshape(n * c)
         bias = None if shift is None else shift.expand(n, c).reshape(n * c)
         return F.group_norm(flat, n * c, weight, bias, eps).reshape(x.shape)
-    # One statistics pass (stable), one addcmul pass (keeps channels_last).
+    if not single_position:
+        # channels_last: stable statistics and one scale-and-shift pass on the channels-last
+        # view, with a closed-form backward; the output keeps channels_last.
+        acc = stats.compute_dtype(x.dtype)
+        full_scale = None if scale is None else scale.to(acc).expand(n, c)
+        full_shift = None if shift is None else shift.to(acc).expand(n, c)
+        out, _, _ = _ChannelsLastNorm.apply(x.to(acc), full_scale, full_shift, eps)  # type: ignore[no-untyped-call]
+        result: Tensor = out.to(x.dtype)
+        return result
+    # A single position: the statistics path (y = shift).
     mean, var = stats._mean_var(x, 0.0, None)
     a = torch.rsqrt(var + eps)
     if scale is not None:
