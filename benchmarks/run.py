@@ -12,7 +12,8 @@ faster), and each time divided by one ``clone()`` of the input (the memory-bandw
 Baselines: ``torch.nn`` for the drop-in layers, and the plain formula people copy (separate
 mean/var/expand ops) for everything else; ``--compile`` adds ``torch.compile`` of the plain
 formula. ``--memory`` measures the peak memory of one forward+backward of each side in a fresh
-process (peak RSS growth on CPU, ``max_memory_allocated`` on CUDA).
+process (on CPU the growth of the peak RSS after a warm-up, Linux only; ``max_memory_allocated``
+on CUDA).
 
 Times are steady-state: every case is warmed up first, so fresh-allocation page faults of the
 first call are not counted. Figures assume the default allocator and torch's default thread count.
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -244,7 +246,10 @@ def peak_memory(
         "--_measure",
         json.dumps([op, side, shape, layout, dtype, device]),
     ]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    # Every allocation above 64 KiB mmapped and returned on free: RSS then follows live tensors
+    # instead of glibc's cached heap.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -263,16 +268,22 @@ def _measure(spec: str) -> None:
         torch.cuda.synchronize()
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
         return
-    import resource
 
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
 
-    before = rss()
+    fn(xg).float().sum().backward()  # warm-up: one-time allocations (thread pools, caches)
+    xg.grad = None
+    # Reset the peak-RSS high-water mark to the current RSS (Linux), then measure the peak.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
     fn(xg).float().sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(max(peak - before, 0) / 2**20)
+    print(max(status("VmHWM") - before, 0) / 2**20)
 
 
 # ---------------------------------------------------------------- main
