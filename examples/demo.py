@@ -1,53 +1,111 @@
-"""stylenorm's main demo: statistics transfer on procedurally made images, written as pictures.
+"""stylenorm's demo: every example at a small size, and one overview picture. No download.
 
-Runs offline in seconds on a CPU::
+Runs, in about two to three minutes on 2 CPU cores:
 
-    python examples/demo.py --out stylenorm-demo
+  texture_synthesis.py    Gram vs mean/std vs MMD texture synthesis (StyleLoss, MMDLoss)
+  adain_transfer.py       AdaIN on pixels and random features: alpha, mixing, regions
+  multi_style_network.py  a ConditionalInstanceNorm2d network: 3 styles, mixing, a 4th added
+  drop_in.py              torch.nn -> stylenorm, conditional layers, legacy checkpoints
 
-Each style image's per-channel pixel statistics (stylenorm.stats.mean_std) are imposed on the
-content image through the drop-in InstanceNorm2d: normalise the content, then scale and shift by
-the style's std and mean. The overview grid shows content, styles and results.
+and writes their pictures plus overview.png to one folder (default stylenorm-demo/)::
+
+    python examples/demo.py
+    python examples/demo.py --out my-folder --quick      # tiny sizes, seconds (a smoke test)
+    python examples/demo.py --docs docs                  # refresh the pictures of README
+
+Each example has its own options and larger defaults: ``python examples/<name>.py --help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _images import dots, grid, marble, scene, stripes, write_png
+import adain_transfer
+import drop_in
+import multi_style_network
+import texture_synthesis
+from _common import parser_for, report
+from _images import read_png, resize, stack, text, write_png
 
-import stylenorm
+# Demo-sized settings of each example (the scripts' own defaults are larger), and tiny ones.
+SETTINGS = {
+    "texture_synthesis": (
+        ["--size", "96", "--steps", "120", "--textures", "dots,waves"],
+        ["--size", "32", "--steps", "3", "--textures", "dots"],
+    ),
+    "adain_transfer": (
+        ["--size", "96", "--decode-steps", "100"],
+        ["--size", "32", "--decode-steps", "2"],
+    ),
+    "multi_style_network": (
+        ["--size", "64", "--steps", "700", "--finetune-steps", "100"],
+        ["--size", "32", "--steps", "3", "--finetune-steps", "2", "--batch", "3", "--width", "8"],
+    ),
+    "drop_in": (["--size", "96"], ["--size", "32"]),
+}  # fmt: skip
+MODULES = {
+    "texture_synthesis": texture_synthesis,
+    "adain_transfer": adain_transfer,
+    "multi_style_network": multi_style_network,
+    "drop_in": drop_in,
+}
+# The pictures of the overview (each carries its own title).
+OVERVIEW = ["texture_synthesis.png", "adain_transfer.png", "multi_style_interpolation.png"]
 
 
-def transfer_statistics(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-    """Give ``content`` (1, 3, H, W) the per-channel mean and std of ``style`` (1, 3, h, w)."""
-    norm = stylenorm.InstanceNorm2d(3)
-    mean, std = stylenorm.stats.mean_std(style)
-    return norm(content) * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+def overview(folder: Path, width: int) -> Path:
+    """Stack the main pictures of the examples, each scaled to ``width``, into overview.png."""
+    parts = [text("stylenorm demo", 4)]
+    for name in OVERVIEW:
+        image = read_png(folder / name)
+        height = round(image.shape[-2] * width / image.shape[-1])
+        parts.append(resize(image, height, width))
+    return write_png(folder / "overview.png", stack(parts, pad=16))
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="stylenorm-demo", help="output folder")
-    parser.add_argument("--size", type=int, default=128, help="image size in pixels")
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run the demo; return the path of the overview picture."""
+    parser = parser_for(__doc__, out="stylenorm-demo")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    parser.add_argument(
+        "--docs",
+        metavar="DIR",
+        default=None,
+        help="also write the pictures, rounded to 5 bits per channel (small files), to DIR "
+        "as README's docs/ pictures (overview.png becomes demo_overview.png)",
+    )
+    parser.add_argument(
+        "--width", type=int, default=600, help="width of the overview picture in pixels"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
-    content = scene(args.size)
-    styles = [stripes(args.size), dots(args.size), marble(args.size)]
-    results = []
-    for k, style in enumerate(styles):
-        print(f"[{k + 1}/{len(styles)}] transferring statistics of style {k}")
-        result = transfer_statistics(content[None], style[None])[0]
-        write_png(out / f"statistics_transfer_{k}.png", result)
-        results.append(result)
-    overview = grid([content, *styles, content, *results], columns=len(styles) + 1)
-    path = write_png(out / "overview.png", overview)
-    print(f"wrote {path} and {len(results)} individual images to {out.resolve()}")
+    start = time.perf_counter()
+    common = ["--out", str(out), "--seed", str(args.seed)]
+    vgg = [] if args.vgg is None else ["--vgg", args.vgg]
+    for k, (name, module) in enumerate(MODULES.items()):
+        full, quick = SETTINGS[name]
+        report(f"[{k + 1}/{len(MODULES)}] {name}.py {' '.join(quick if args.quick else full)}")
+        module.main(
+            [*(quick if args.quick else full), *common, *(vgg if name != "drop_in" else [])]
+        )
+    path = overview(out, args.width)
+    pictures = sorted(p.name for p in out.glob("*.png"))
+    if args.docs is not None:
+        for name in pictures:
+            target = "demo_overview.png" if name == "overview.png" else name
+            write_png(Path(args.docs) / target, read_png(out / name), bits=5)
+        report(f"wrote {len(pictures)} small copies to {Path(args.docs).resolve()}/")
+    report(
+        f"demo finished in {time.perf_counter() - start:.0f} s with {torch.get_num_threads()} "
+        f"threads; pictures in {out.resolve()}/: {', '.join(pictures)}"
+    )
     return path
 
 

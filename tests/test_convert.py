@@ -68,3 +68,155 @@ def test_bias_false_and_dtype_kept():
     converted = to_stylenorm(model)
     assert converted[0].bias is None and converted[0].weight.dtype == torch.float64
     assert "bias=False" in repr(converted[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# to_conditional, style_parameters, StyleSequential
+
+
+def _single_style_network() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.InstanceNorm2d(4, affine=True),
+        nn.ReLU(),
+        nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1),
+            stylenorm.InstanceNorm2d(4, affine=True),
+            nn.ReLU(),
+        ),
+        nn.InstanceNorm2d(4),  # not affine: nothing to condition, left alone
+        nn.BatchNorm2d(4),
+    )
+    with torch.no_grad():
+        for m in (net[1], net[3][1]):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-1, 1)
+    return net.eval()
+
+
+def test_to_conditional_starts_every_style_at_the_original():
+    """Every bank row equals the original gamma/beta, so every style (an int, per-sample ids or
+    mixing weights) computes the original network's output; state_dict keys are unchanged."""
+    net = _single_style_network()
+    x = torch.randn(3, 3, 8, 8)
+    expected = net(x)
+    keys = list(net.state_dict())
+    gamma = net[1].weight.detach().clone()
+    converted = stylenorm.to_conditional(net, num_styles=5)
+    assert type(converted) is stylenorm.StyleSequential
+    assert type(converted[1]) is stylenorm.ConditionalInstanceNorm2d
+    assert type(converted[3]) is stylenorm.StyleSequential
+    assert type(converted[3][1]) is stylenorm.ConditionalInstanceNorm2d
+    assert type(converted[4]) is nn.InstanceNorm2d and type(converted[5]) is nn.BatchNorm2d
+    assert not converted.training and not converted[3][1].training
+    assert list(converted.state_dict()) == keys
+    torch.testing.assert_close(converted[1].weight, gamma.expand(5, 4))
+    mixture = torch.softmax(torch.randn(3, 5), dim=1)
+    for style in (0, 4, torch.tensor([0, 2, 4]), mixture):
+        torch.testing.assert_close(converted(x, style), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_styles_diverge_after_fine_tuning_style_parameters():
+    """Training style_parameters for one style changes that style's output only."""
+    converted = stylenorm.to_conditional(_single_style_network(), num_styles=3)
+    x = torch.randn(2, 3, 8, 8)
+    before = converted(x, 0).detach()
+    banks = list(stylenorm.style_parameters(converted))
+    assert banks == [
+        converted[1].weight,
+        converted[1].bias,
+        converted[3][1].weight,
+        converted[3][1].bias,
+    ]
+    rows = [b.detach().clone() for b in banks]
+    optimizer = torch.optim.SGD(banks, lr=0.5)
+    target = torch.randn_like(before)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (converted(x, 2) - target).square().mean().backward()
+        optimizer.step()
+    for bank, row in zip(banks, rows, strict=True):
+        torch.testing.assert_close(bank[:2], row[:2], rtol=0, atol=0)  # untouched styles
+        assert not torch.equal(bank[2], row[2])
+    torch.testing.assert_close(converted(x, 0), before)
+    torch.testing.assert_close(converted(x, 1), before)
+    assert (converted(x, 2) - before).abs().max() > 1e-2
+    mixed = converted(x, torch.tensor([0, 2]))
+    torch.testing.assert_close(mixed[0], before[0])
+    torch.testing.assert_close(mixed[1], converted(x, 2)[1])
+
+
+@pytest.mark.parametrize(
+    ("torch_cls", "cin_cls", "shape"),
+    [
+        (nn.InstanceNorm1d, stylenorm.ConditionalInstanceNorm1d, (2, 3, 7)),
+        (stylenorm.InstanceNorm3d, stylenorm.ConditionalInstanceNorm3d, (2, 3, 3, 4, 5)),
+    ],
+)
+def test_to_conditional_every_rank_and_root(torch_cls, cin_cls, shape):
+    """A root instance norm becomes a conditional norm of the same rank (dtype, eps and
+    bias=False carried over)."""
+    norm = torch_cls(3, eps=1e-3, affine=True, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    converted = stylenorm.to_conditional(norm, 2)
+    assert type(converted) is cin_cls and converted.bias is None and converted.eps == 1e-3
+    assert converted.weight.dtype == torch.float64
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(converted(x, 1), norm(x))
+
+
+def test_to_conditional_warns_for_tracked_statistics_and_checks_arguments():
+    with pytest.warns(UserWarning, match="running statistics"):
+        stylenorm.to_conditional(nn.InstanceNorm2d(3, affine=True, track_running_stats=True), 2)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_styles"):
+            stylenorm.to_conditional(nn.Sequential(), bad)
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        stylenorm.to_conditional("model", 2)  # type: ignore[arg-type]
+
+
+class _Block(nn.Module):
+    """A residual block with a conditional norm: it takes the style itself."""
+
+    takes_style = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = stylenorm.ConditionalInstanceNorm2d(3, num_styles=2)
+
+    def forward(self, x: torch.Tensor, style: int | torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv(x), style)
+
+
+def test_style_sequential_threads_the_style_and_stores_none():
+    """StyleSequential hands the style to conditional norms, nested StyleSequentials and blocks
+    that declare takes_style; other children get the input alone; nothing is stored."""
+    torch.manual_seed(0)
+    chain = stylenorm.StyleSequential(
+        _Block(), nn.ReLU(), stylenorm.StyleSequential(stylenorm.ConditionalInstanceNorm2d(3, 2))
+    )
+    with torch.no_grad():
+        chain[0].norm.weight[1].fill_(2.0)
+        chain[2][0].bias[1].fill_(0.5)
+    state = {k: v.clone() for k, v in chain.state_dict().items()}
+    x = torch.randn(2, 3, 6, 6)
+    expected = [chain[2][0](torch.relu(x + chain[0].norm(chain[0].conv(x), s)), s) for s in (0, 1)]
+    torch.testing.assert_close(chain(x, 1), expected[1])
+    torch.testing.assert_close(chain(x, 0), expected[0])
+    both = chain(x, torch.tensor([0, 1]))
+    torch.testing.assert_close(both, torch.stack([expected[0][0], expected[1][1]]))
+    assert vars(chain).keys() == vars(stylenorm.StyleSequential()).keys()  # no stored style
+    for key, value in chain.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_style_sequential_rejects_hidden_conditional_norms():
+    """A child holding a conditional norm but taking no style is an error at construction."""
+    hidden = nn.ModuleList([stylenorm.ConditionalInstanceNorm2d(3, 2)])
+    with pytest.raises(TypeError, match="takes no style"):
+        stylenorm.StyleSequential(nn.Identity(), hidden)
+    with pytest.raises(TypeError, match="takes no style"):
+        stylenorm.StyleSequential(nn.Sequential(stylenorm.ConditionalInstanceNorm2d(3, 2)))

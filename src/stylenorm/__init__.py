@@ -12,6 +12,8 @@ from .convert import (
     LegacyLoadResult,
     load_legacy_state_dict,
     strip_legacy_running_stats,
+    style_parameters,
+    to_conditional,
     to_stylenorm,
     to_torch,
 )
@@ -39,6 +41,7 @@ from .style import (
     ConditionalInstanceNorm2d,
     ConditionalInstanceNorm3d,
     StyleAdaIN,
+    StyleSequential,
 )
 from .sync import SyncBatchNorm
 
@@ -64,6 +67,7 @@ __all__ = [
     "StyleConvention",
     "StyleLoss",
     "StyleRegion",
+    "StyleSequential",
     "SyncBatchNorm",
     "functional",
     "get_convention",
@@ -72,7 +76,9 @@ __all__ = [
     "reference",
     "stats",
     "strip_legacy_running_stats",
+    "style_parameters",
     "testing",
+    "to_conditional",
     "to_stylenorm",
     "to_torch",
 ]

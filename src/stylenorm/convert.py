@@ -10,19 +10,22 @@ you which keys it dropped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from . import norm
+from . import norm, style
 
 __all__ = [
     "LegacyLoadResult",
     "load_legacy_state_dict",
     "strip_legacy_running_stats",
+    "style_parameters",
+    "to_conditional",
     "to_stylenorm",
     "to_torch",
 ]
@@ -75,8 +78,6 @@ def strip_legacy_running_stats(
 
 
 def _with_metadata(state: dict[str, Any], metadata: Any) -> dict[str, Any]:
-    from collections import OrderedDict
-
     ordered: OrderedDict[str, Any] = OrderedDict(state)
     ordered._metadata = metadata  # type: ignore[attr-defined]
     return ordered
@@ -166,3 +167,92 @@ def to_torch(model: nn.Module) -> nn.Module:
         True
     """
     return _swap_norms(model, _TO_TORCH)
+
+
+_TO_CONDITIONAL: dict[type[nn.Module], type[style._ConditionalInstanceNorm]] = {
+    nn.InstanceNorm1d: style.ConditionalInstanceNorm1d,
+    nn.InstanceNorm2d: style.ConditionalInstanceNorm2d,
+    nn.InstanceNorm3d: style.ConditionalInstanceNorm3d,
+}
+
+
+def _conditional(module: nn.Module, num_styles: int) -> nn.Module:
+    for kind, target in _TO_CONDITIONAL.items():
+        if isinstance(module, kind) and module.affine:
+            new = target.from_instance_norm(module, num_styles)
+            return new.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, _conditional(child, num_styles))
+    if type(module) is nn.Sequential and any(
+        isinstance(m, style._ConditionalInstanceNorm) for m in module.modules()
+    ):
+        chain = style.StyleSequential(OrderedDict(module.named_children()))
+        return chain.train(module.training)
+    return module
+
+
+def to_conditional(model: nn.Module, num_styles: int) -> nn.Module:
+    r"""Turn a single-style network into a ``num_styles``-style one (Dumoulin et al. 2017).
+
+    Every affine ``InstanceNorm{1,2,3}d`` (torch's or stylenorm's) becomes the
+    :class:`~stylenorm.ConditionalInstanceNorm2d` (1d/3d) of the same rank, built by
+    ``from_instance_norm``: every row of its banks starts as the norm's :math:`\gamma` and
+    :math:`\beta`, so each style first computes exactly what the original network computed,
+    :math:`y = \gamma_s \hat x + \beta_s` with :math:`\gamma_s = \gamma, \beta_s = \beta`.
+    Fine-tune :func:`style_parameters` (alone, or with the rest) to let the styles diverge.
+
+    The converted norms take ``(input, style)``. Every ``nn.Sequential`` that holds one becomes a
+    :class:`~stylenorm.StyleSequential` with the same children and names (the same
+    ``state_dict`` keys), whose ``forward(input, style)`` passes the style on: a plain chain of
+    layers is ready to call as ``model(x, style)``. A custom module's ``forward`` must pass the
+    style to its conditional norms itself (and set ``takes_style = True`` to sit inside a
+    ``StyleSequential``).
+
+    Other layers, non-affine instance norms (nothing to condition) and other norms are left
+    alone; the conversion is in place for children, hooks of replaced modules are not carried
+    over, and the (possibly new) root is returned: write ``model = to_conditional(model, S)``.
+    An instance norm that tracks running statistics warns: a conditional norm always uses
+    instance statistics, so its evaluation-mode output differs.
+
+    Args:
+        model: the network.
+        num_styles: number of styles :math:`S`, positive.
+
+    Returns:
+        The converted network.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True), nn.ReLU())
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> before = net(x)
+        >>> net = to_conditional(net, num_styles=4)
+        >>> type(net).__name__, type(net[1]).__name__
+        ('StyleSequential', 'ConditionalInstanceNorm2d')
+        >>> torch.allclose(net(x, 3), before, atol=1e-6)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(num_styles, bool) or not isinstance(num_styles, int) or num_styles <= 0:
+        raise ValueError(f"num_styles must be a positive int, got {num_styles!r}")
+    return _conditional(model, num_styles)
+
+
+def style_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The style banks (``weight``, and ``bias`` if any) of every conditional norm in ``model``.
+
+    Train these alone to fit new styles into a converted network (each once, even if shared).
+
+    Example:
+        >>> net = to_conditional(nn.Sequential(nn.InstanceNorm2d(4, affine=True)), 3)
+        >>> [tuple(p.shape) for p in style_parameters(net)]
+        [(3, 4), (3, 4)]
+        >>> optimizer = torch.optim.Adam(style_parameters(net), lr=1e-3)
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, style._ConditionalInstanceNorm):
+            for param in module.style_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield param

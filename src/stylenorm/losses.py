@@ -3,7 +3,9 @@ r"""Style-loss modules that cache their target's statistics, and the published c
 The modules are thin: each computes its target's statistics once (the style image is fixed while
 the input is optimised), keeps them as buffers that follow ``.to()`` and are *not* saved in the
 ``state_dict`` unless ``persistent=True``, and calls the function of the same name in
-:mod:`stylenorm.functional` with them.
+:mod:`stylenorm.functional` with them. Under ``torch.autocast`` they compute with autocast off:
+every Gram, kernel and statistic is reduced in float32 and the loss is float32, as without
+autocast.
 
 :data:`CONVENTIONS` names the exact loss of well-known implementations, so a loss tuned in one
 code base can be reproduced (or its weight converted) in another:
@@ -25,6 +27,7 @@ name                          loss of one layer
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -63,8 +66,23 @@ __all__ = [
 ]
 
 
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast disabled on ``x``'s device while a loss is computed.
+
+    Autocast would run the Gram and kernel matrix products in half precision (bfloat16 Grams, a
+    bfloat16 Gaussian MMD several percent off); without it every statistic is reduced in float32
+    (:func:`stylenorm.stats.compute_dtype`), so under autocast a loss is the float32 loss of the
+    same (possibly half-precision) input.
+    """
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _CachedTargetLoss(nn.Module):
-    """Shared base: target statistics live in buffers, persistent only when asked."""
+    """Shared base: target statistics live in buffers, persistent only when asked; computed with
+    autocast off (see :func:`_autocast_off`)."""
 
     def __init__(self, persistent: bool) -> None:
         super().__init__()
@@ -124,19 +142,20 @@ class GramLoss(_CachedTargetLoss):
         self.normalize = _check_choice(normalize, "normalize", GRAM_NORMALIZATIONS)
         self.reduction = _check_choice(reduction, "reduction", LOSS_REDUCTIONS)
         self.center = bool(center)
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(target):
             weights = _loss_position_weights(target_mask, target, "target_mask", "target")
             self._cache("target_gram", _loss_gram(target, normalize, weights, self.center))
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        return _gram_loss_from_gram(
-            input,
-            self.target_gram,
-            normalize=self.normalize,
-            reduction=self.reduction,
-            center=self.center,
-            mask=mask,
-        )
+        with _autocast_off(input):
+            return _gram_loss_from_gram(
+                input,
+                self.target_gram,
+                normalize=self.normalize,
+                reduction=self.reduction,
+                center=self.center,
+                mask=mask,
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -194,21 +213,22 @@ class MeanStdLoss(_CachedTargetLoss):
             eps, target_eps, correction, reduction
         )
         self.reduction = reduction
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(target):
             mean, std = _loss_target_mean_std(target, self.target_eps, self.correction, target_mask)
         self._cache("target_mean", mean)
         self._cache("target_std", std)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        return _mean_std_loss_from_stats(
-            input,
-            self.target_mean,
-            self.target_std,
-            eps=self.eps,
-            correction=self.correction,
-            reduction=self.reduction,
-            mask=mask,
-        )
+        with _autocast_off(input):
+            return _mean_std_loss_from_stats(
+                input,
+                self.target_mean,
+                self.target_std,
+                eps=self.eps,
+                correction=self.correction,
+                reduction=self.reduction,
+                mask=mask,
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -260,7 +280,7 @@ class MMDLoss(_CachedTargetLoss):
             kernel, degree, offset, sigma, reduction
         )
         self.reduction = reduction
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(target):
             weights = _loss_position_weights(target_mask, target, "target_mask", "target")
             side = _mmd_side(
                 target, weights, self.kernel, self.degree, self.offset, self.sigma, True
@@ -270,16 +290,17 @@ class MMDLoss(_CachedTargetLoss):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         target = _MMDSide(*(getattr(self, f"target_{name}") for name in _MMDSide._fields))
-        return _mmd_loss_from_target(
-            input,
-            target,
-            kernel=self.kernel,
-            degree=self.degree,
-            offset=self.offset,
-            sigma=self.sigma,
-            reduction=self.reduction,
-            mask=mask,
-        )
+        with _autocast_off(input):
+            return _mmd_loss_from_target(
+                input,
+                target,
+                kernel=self.kernel,
+                degree=self.degree,
+                offset=self.offset,
+                sigma=self.sigma,
+                reduction=self.reduction,
+                mask=mask,
+            )
 
     def extra_repr(self) -> str:
         return (

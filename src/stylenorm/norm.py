@@ -13,16 +13,27 @@ holds. Only the computation is replaced, by :mod:`stylenorm.functional`:
   ``num_batches_tracked``, untouched (torch's ``InstanceNorm`` raises ``IndexError`` or writes NaN
   into its running statistics; torch's ``BatchNorm`` counts the empty step, which skews
   ``momentum=None``'s cumulative average);
-- half-precision input updates float32 running statistics from float32 statistics.
+- half-precision input updates float32 running statistics from float32 statistics;
+- ``torch.compile(fullgraph=True)`` and ``torch.export`` trace every mode, including
+  BatchNorm's cumulative average (``momentum=None``) in training, which torch's class cannot
+  (it reads ``float(num_batches_tracked)``, a data-dependent guard): here the factor
+  :math:`1/n` stays a tensor.
+
+``torch.jit.script`` works on every drop-in, so they replace scripted torch.nn norms; a scripted
+module computes with torch's kernels (``F.batch_norm``, ``F.instance_norm``: torch's numbers and
+its quirks above, except that an empty batch still leaves BatchNorm's running statistics and
+count untouched), since TorchScript cannot compile :mod:`stylenorm.functional`.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
-from . import functional
+from . import functional, stats
 
 __all__ = [
     "BatchNorm1d",
@@ -38,14 +49,35 @@ class _InstanceNorm(_TorchInstanceNorm):
     """Shared behaviour of the drop-in instance norms: torch's module, stylenorm's kernel."""
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        use_input_stats = self.training or not self.track_running_stats
+        momentum = self.momentum if self.momentum is not None else 0.0
+        if torch.jit.is_scripting():  # type: ignore[attr-defined]
+            # TorchScript cannot compile stylenorm.functional: a scripted module computes with
+            # torch's kernel (same numbers, torch's quirks; see the class docs).
+            return F.instance_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                use_input_stats,
+                momentum,
+                self.eps,
+            )
+        return self._stylenorm_instance_norm(input, use_input_stats, momentum)
+
+    @torch.jit.unused
+    def _stylenorm_instance_norm(
+        self, input: Tensor, use_input_stats: bool, momentum: float
+    ) -> Tensor:
         return functional.instance_norm(
             input,
             self.running_mean,
             self.running_var,
             self.weight,
             self.bias,
-            self.training or not self.track_running_stats,
-            self.momentum if self.momentum is not None else 0.0,
+            use_input_stats,
+            momentum,
             self.eps,
         )
 
@@ -55,30 +87,84 @@ class _BatchNorm(_TorchBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)  # type: ignore[no-untyped-call]
-        factor = 0.0 if self.momentum is None else self.momentum
-        if (
-            self.training
-            and self.track_running_stats
-            and self.num_batches_tracked is not None
-            and input.numel() > 0  # an empty batch is not a step (see functional.batch_norm)
-        ):
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        # An empty batch is not a step (see functional.batch_norm): nothing is counted or updated.
+        step = self.training and self.track_running_stats and input.numel() > 0
+        if step:
+            if self.num_batches_tracked is not None:  # nested: TorchScript skips it when None
+                self.num_batches_tracked.add_(1)
         # Batch statistics in training, and in evaluation when no running statistics exist.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are passed when they are read (evaluation) or updated (tracked training).
         pass_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if pass_buffers else None
+        running_var = self.running_var if pass_buffers else None
+        if torch.jit.is_scripting():  # type: ignore[attr-defined]
+            # TorchScript cannot compile stylenorm.functional: torch's kernel, torch's update.
+            momentum = 0.0 if self.momentum is None else self.momentum
+            if step and self.momentum is None:
+                if self.num_batches_tracked is not None:
+                    momentum = 1.0 / float(self.num_batches_tracked)
+            if self.training and input.numel() == 0:
+                running_mean, running_var = None, None
+            return F.batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                use_batch_stats,
+                momentum,
+                self.eps,
+            )
+        if step and self.momentum is None and self.num_batches_tracked is not None:
+            return self._cumulative_average_step(input)
+        return self._stylenorm_batch_norm(input, running_mean, running_var, use_batch_stats)
+
+    @torch.jit.unused
+    def _stylenorm_batch_norm(
+        self,
+        input: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        use_batch_stats: bool,
+    ) -> Tensor:
         return functional.batch_norm(
             input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             use_batch_stats,
-            factor,
+            0.0 if self.momentum is None else self.momentum,
             self.eps,
         )
+
+    @torch.jit.unused
+    def _cumulative_average_step(self, input: Tensor) -> Tensor:
+        r"""A training step with ``momentum=None``: the running statistics become the cumulative
+        average of the ``n = num_batches_tracked`` batches seen, :math:`r \leftarrow r + (s - r)
+        / n`.
+
+        The factor :math:`1/n` stays a tensor. torch's class reads ``float(num_batches_tracked)``,
+        a host read that ``torch.compile(fullgraph=True)`` and ``torch.export`` refuse as a
+        data-dependent guard; here the whole step is tensor operations, so it traces.
+        """
+        running_mean, running_var = self.running_mean, self.running_var
+        assert self.num_batches_tracked is not None
+        # The kernel writes the batch mean and unbiased variance into scratch buffers (momentum 1
+        # replaces them outright); the output is the same as with the real buffers.
+        batch_mean = None if running_mean is None else torch.zeros_like(running_mean)
+        batch_var = None if running_var is None else torch.zeros_like(running_var)
+        out = functional.batch_norm(
+            input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps
+        )
+        factor = self.num_batches_tracked.to(torch.float64).reciprocal()
+        with torch.no_grad():
+            for buffer, value in ((running_mean, batch_mean), (running_var, batch_var)):
+                if buffer is not None and value is not None:
+                    acc = stats.compute_dtype(buffer.dtype)
+                    buffer.copy_(torch.lerp(buffer.to(acc), value.to(acc), factor.to(acc)))
+        return out
 
 
 _IN_DOC = r"""Drop-in for :class:`torch.nn.{name}`: instance normalization over a {rank_in} input.

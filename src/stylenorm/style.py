@@ -4,14 +4,18 @@ Thin modules over :mod:`stylenorm.functional` (the math lives there): the condit
 one :math:`\gamma` and one :math:`\beta` row per style (Dumoulin et al. 2017), ``AdaIN`` is
 parameter-free (Huang & Belongie 2017) and ``StyleAdaIN`` maps a style code to the AdaIN
 statistics with a learned linear layer (Karras et al. 2019). The style is always an argument of
-``forward``, never state stored on the module.
+``forward``, never state stored on the module; :class:`StyleSequential` threads it through a
+chain of layers.
+
+The style layers run under ``torch.compile(fullgraph=True)``, ``torch.export`` and ONNX export;
+they are not TorchScript-scriptable (the drop-in norms of :mod:`stylenorm.norm` are).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +28,7 @@ __all__ = [
     "ConditionalInstanceNorm2d",
     "ConditionalInstanceNorm3d",
     "StyleAdaIN",
+    "StyleSequential",
 ]
 
 _CIN = TypeVar("_CIN", bound="_ConditionalInstanceNorm")
@@ -33,6 +38,7 @@ class _ConditionalInstanceNorm(nn.Module):
     """Shared behaviour of the conditional instance norms; subclasses set the expected rank."""
 
     _batched_dim: int  # rank of a batched input: 3, 4 or 5
+    takes_style: ClassVar[bool] = True  # StyleSequential passes it the style
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -451,3 +457,69 @@ class StyleAdaIN(nn.Module):
             )
         gamma, beta = self.affine(style).chunk(2, dim=1)
         return functional.adain(input, style_mean=beta, style_std=gamma, eps=self.eps)
+
+
+class StyleSequential(nn.Sequential):
+    r"""A :class:`torch.nn.Sequential` whose ``forward(input, style)`` hands ``style`` to its
+    conditional instance norms.
+
+    .. math::
+
+        y = f_L(\dots f_2(f_1(x; s); s) \dots; s), \qquad
+        f_l(x; s) = \begin{cases} f_l(x, s) & \text{if } f_l \text{ takes a style} \\
+        f_l(x) & \text{otherwise} \end{cases}
+
+    The style is an argument of every call and is never stored, so one model serves every style
+    (and a batch of mixed styles) without state. Build it like ``nn.Sequential`` (modules, or an
+    ``OrderedDict`` to keep names; the ``state_dict`` keys are those of the same
+    ``nn.Sequential``), or get one from :func:`stylenorm.to_conditional`.
+
+    A child gets the style when its class sets ``takes_style = True``: the conditional norms, a
+    nested ``StyleSequential``, and your own blocks (a residual block with conditional norms:
+    give it ``forward(input, style)`` and the class attribute ``takes_style = True``). Any
+    other child holding a conditional norm is an error when the container is built (children
+    added later are not checked).
+
+    Args:
+        *args: the modules, or one ``OrderedDict`` of named modules, as for ``nn.Sequential``.
+
+    Shape:
+        - Input: what the first module takes; style: anything
+          :class:`ConditionalInstanceNorm2d` takes (``int``, ids ``(N)``, mixing weights
+          ``(N, S)`` or ``(S)``)
+        - Output: what the last module returns
+
+    Example::
+
+        >>> net = StyleSequential(
+        ...     torch.nn.Conv2d(3, 8, 3, padding=1),
+        ...     ConditionalInstanceNorm2d(8, num_styles=4),
+        ...     torch.nn.ReLU(),
+        ... )
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> net(x, 1).shape == net(x, torch.tensor([0, 3])).shape == (2, 8, 16, 16)
+        True
+    """
+
+    takes_style: ClassVar[bool] = True
+
+    def __init__(self, *args: nn.Module | dict[str, nn.Module]) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        for name, child in self.named_children():
+            if not _takes_style(child) and any(
+                isinstance(m, _ConditionalInstanceNorm) for m in child.modules()
+            ):
+                raise TypeError(
+                    f"child {name!r} ({type(child).__name__}) holds conditional instance norms "
+                    "but takes no style: wrap it in StyleSequential too (a nested Sequential), "
+                    "or give its class forward(input, style) and takes_style = True"
+                )
+
+    def forward(self, input: Tensor, style: int | Tensor) -> Tensor:  # type: ignore[override]
+        for module in self:
+            input = module(input, style) if _takes_style(module) else module(input)
+        return input
+
+
+def _takes_style(module: nn.Module) -> bool:
+    return getattr(type(module), "takes_style", False) is True
