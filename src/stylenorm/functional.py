@@ -350,10 +350,8 @@ def batch_norm(
                 eps,
             )
             with torch.no_grad():
-                # Channel statistics over (N, *spatial): view channels as the only "channel" axis.
-                per_channel = input.detach().transpose(0, 1).unsqueeze(0)
-                mean, var = stats._mean_var(per_channel, 1.0, None)
-            _update_running_stats(running_mean, running_var, mean[0], var[0], momentum)
+                mean, var = stats._channel_mean_var(input.detach(), 1.0)
+            _update_running_stats(running_mean, running_var, mean, var, momentum)
             return out
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
