@@ -191,6 +191,18 @@ OPS = [
 
 
 # ---------------------------------------------------------------- timing
+def _output_grad(out: Tensor, cache: dict[str, Tensor]) -> Tensor | None:
+    """The gradient fed to ``out``'s backward: ones in ``out``'s own dtype and layout, what the
+    next layer of a network delivers (a channels_last output gets a channels_last gradient);
+    None for a scalar (a loss). Kept in ``cache`` so it is not allocated in the timed loop."""
+    if out.dim() == 0:
+        return None
+    grad = cache.get("grad")
+    if grad is None or grad.shape != out.shape or grad.stride() != out.stride():
+        grad = cache["grad"] = torch.ones_like(out)
+    return grad
+
+
 def _runner(fn: Callable[[Tensor], Tensor], x: Tensor, backward: bool) -> Fn:
     if not backward:
 
@@ -200,10 +212,11 @@ def _runner(fn: Callable[[Tensor], Tensor], x: Tensor, backward: bool) -> Fn:
 
         return forward_only
     xg = x.detach().clone().requires_grad_()
+    cache: dict[str, Tensor] = {}
 
     def forward_backward() -> Tensor:
         out = fn(xg)
-        out.float().sum().backward()
+        out.backward(_output_grad(out, cache))
         xg.grad = None
         return out
 
@@ -264,7 +277,8 @@ def _measure(spec: str) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        fn(xg).float().sum().backward()
+        out = fn(xg)
+        out.backward(_output_grad(out, {}))
         torch.cuda.synchronize()
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
         return
@@ -276,13 +290,17 @@ def _measure(spec: str) -> None:
                     return int(line.split()[1]) * 1024
         raise RuntimeError(f"{field} not in /proc/self/status")
 
-    fn(xg).float().sum().backward()  # warm-up: one-time allocations (thread pools, caches)
+    cache: dict[str, Tensor] = {}
+    out = fn(xg)  # warm-up: one-time allocations (thread pools, caches) and the output gradient
+    out.backward(_output_grad(out, cache))
+    del out
     xg.grad = None
     # Reset the peak-RSS high-water mark to the current RSS (Linux), then measure the peak.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status("VmRSS")
-    fn(xg).float().sum().backward()
+    out = fn(xg)
+    out.backward(_output_grad(out, cache))
     print(max(status("VmHWM") - before, 0) / 2**20)
 
 

@@ -282,3 +282,39 @@ def test_inputs_not_modified(which: str, training: bool):
     for original, copy in zip((x, weight, bias), copies, strict=True):
         assert torch.equal(original, copy)
         assert original.stride() == copy.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad_layout", ["same", "contiguous"])
+def test_channels_last_instance_norm_in_several_blocks(dtype: torch.dtype, grad_layout: str):
+    # Enough (sample, channel) pairs that the channels-last path works in several position
+    # blocks (the last one short). Forward and all gradients against torch's group norm in
+    # float64 on the same (rounded) values; half inputs are computed in float32, rounded once.
+    gen = torch.Generator().manual_seed(11)
+    shape = (2, 2048, 15, 15)
+    x64 = 40.0 + 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight64, bias64 = _affine(shape[1], 3)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = weight64.to(acc).requires_grad_()
+    bias = bias64.to(acc).requires_grad_()
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if grad_layout == "same":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    y = functional.instance_norm(x, weight=weight, bias=bias)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(grad)
+
+    x_ref = x.detach().double().contiguous().requires_grad_()
+    w_ref = weight.detach().double().requires_grad_()
+    b_ref = bias.detach().double().requires_grad_()
+    y_ref = F.group_norm(x_ref, shape[1], w_ref, b_ref, 1e-5)
+    y_ref.backward(grad.double())
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    assert x.grad is not None and weight.grad is not None and bias.grad is not None
+    for ours, ref in ((y, y_ref), (x.grad, x_ref.grad), (weight.grad, w_ref.grad)):
+        assert ref is not None
+        scale = float(ref.detach().abs().max())
+        torch.testing.assert_close(ours.detach().double(), ref, rtol=tol, atol=tol * scale)
+    assert b_ref.grad is not None
+    torch.testing.assert_close(bias.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-3)

@@ -272,3 +272,26 @@ def test_mask_with_weight_at_most_correction_is_an_error():
     stats.mean_var(x, mask=mask)  # one position: a biased variance (zero) is defined
     with pytest.raises(ValueError, match="correction"):
         stats.mean_var(x, mask=mask, correction=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d"])
+def test_channels_last_blocks_merge_exactly(layout: str, dtype: torch.dtype):
+    # Enough (sample, channel) pairs that the positions are reduced in several cache-sized
+    # blocks, the last one short: the blockwise merge (Chan et al.) must equal the reference,
+    # also at a large mean, and half inputs must be reduced in float32.
+    gen = torch.Generator().manual_seed(5)
+    spatial = (3, 5, 15) if layout == "channels_last_3d" else (15, 15)
+    x64 = 100.0 + 0.5 * torch.randn((2, 2048, *spatial), generator=gen, dtype=torch.float64)
+    x = x64.to(dtype).contiguous(memory_format=getattr(torch, layout))
+    positions = stats._positions(x)
+    block = stats._position_blocks(positions)
+    assert 1 < block < positions.shape[1] and positions.shape[1] % block != 0  # uneven blocks
+    for correction in (0, 1):
+        # The internal helper: statistics in the compute dtype, before mean_var rounds them.
+        mean, var = stats._mean_var(x, correction, None)
+        ref_mean, ref_var = reference.mean_var(_np(x), correction)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        np.testing.assert_allclose(_np(mean), ref_mean, rtol=tol)
+        np.testing.assert_allclose(_np(var), ref_var, rtol=1e3 * tol)
+        assert mean.dtype == stats.compute_dtype(dtype)

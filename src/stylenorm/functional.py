@@ -63,10 +63,12 @@ class _ChannelsLastNorm(torch.autograd.Function):
     r"""Instance normalization with a per-sample, per-channel affine map, for channels_last input.
 
     ``y = (x - mu) * rsqrt(var + eps) * scale + shift`` with ``scale``/``shift`` of shape (N, C)
-    (or None), computed on the ``(N, M, C)`` view of the input's memory: no transposing copy, the
-    output keeps channels_last, statistics are two-pass stable. Returns ``(y, mean, var)``; the
-    statistics are for running averages and carry no gradient. The backward pass is the closed
-    form (Ulyanov et al.'s instance norm derivative), block by block over positions:
+    (or None) in the compute dtype, computed on the ``(N, M, C)`` view of the input's memory: no
+    transposing copy, the output keeps channels_last and the input's dtype, statistics are stable
+    (:func:`stylenorm.stats._positions_mean_var`). Half inputs are computed in float32 block by
+    block and rounded once. Returns ``(y, mean, var)``; the statistics are for running averages
+    and carry no gradient. The backward pass is the closed form (Ulyanov et al.'s instance norm
+    derivative), block by block over positions:
 
     .. math::
 
@@ -84,8 +86,20 @@ class _ChannelsLastNorm(torch.autograd.Function):
         rstd = torch.rsqrt(var + eps)
         a = rstd if scale is None else rstd * scale
         b = -mean * a if shift is None else shift - mean * a
-        view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        out = torch.addcmul(b.reshape(view), x, a.reshape(view))
+        out = torch.empty_like(x)
+        if x.dtype == a.dtype:
+            view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+            torch.addcmul(b.reshape(view), x, a.reshape(view), out=out)
+        else:
+            # Half input: upcast and round back block by block (mixed-dtype elementwise kernels
+            # are slow on CPU, and a full-size float32 temporary costs fresh pages).
+            positions, out_positions = stats._positions(x), stats._positions(out)
+            block = stats._position_blocks(positions)
+            a_u, b_u = a.unsqueeze(1), b.unsqueeze(1)
+            for x_chunk, o_chunk in zip(
+                torch.split(positions, block, 1), torch.split(out_positions, block, 1), strict=True
+            ):
+                o_chunk.copy_(torch.addcmul(b_u, x_chunk.to(a.dtype), a_u))
         ctx.save_for_backward(x, scale, shift, mean, rstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -98,17 +112,20 @@ class _ChannelsLastNorm(torch.autograd.Function):
         x, scale, shift, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
             return _channels_last_norm_double_backward(ctx, grad, x, scale, shift)
+        acc = mean.dtype
         positions = stats._positions(x)
         m = positions.shape[1]
         grads = stats._positions(grad.contiguous(memory_format=stats._memory_format(x)))
         mean_u = mean.unsqueeze(1)
         block = stats._position_blocks(positions)
-        sum_g = grads.sum(1)
-        sum_gd = torch.zeros_like(sum_g)  # sum over positions of g * (x - mean)
+        sum_g = torch.zeros_like(mean)
+        sum_gd = torch.zeros_like(mean)  # sum over positions of g * (x - mean)
         for g_chunk, x_chunk in zip(
             torch.split(grads, block, 1), torch.split(positions, block, 1), strict=True
         ):
-            sum_gd += torch.linalg.vecdot(g_chunk, x_chunk - mean_u, dim=1)
+            g_values = g_chunk.to(acc)
+            sum_g += g_values.sum(1)
+            sum_gd += torch.linalg.vecdot(g_values, x_chunk.to(acc) - mean_u, dim=1)
         grad_x = None
         if ctx.needs_input_grad[0]:
             a = rstd if scale is None else rstd * scale
@@ -123,8 +140,11 @@ class _ChannelsLastNorm(torch.autograd.Function):
                 torch.split(out, block, 1),
                 strict=True,
             ):
-                term = (x_chunk - mean_u).mul_(coef).add_(const)
-                torch.addcmul(term, g_chunk, a_u, out=o_chunk)
+                term = (x_chunk.to(acc) - mean_u).mul_(coef).add_(const)
+                if o_chunk.dtype == acc:
+                    torch.addcmul(term, g_chunk, a_u, out=o_chunk)
+                else:  # half: computed in float32, rounded once
+                    o_chunk.copy_(term.addcmul_(g_chunk.to(acc), a_u))
         grad_scale = rstd * sum_gd if scale is not None and ctx.needs_input_grad[1] else None
         grad_shift = sum_g if shift is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_scale, grad_shift, None
@@ -140,6 +160,7 @@ def _channels_last_norm_double_backward(
         y = y * scale.reshape(view)
     if shift is not None:
         y = y + shift.reshape(view)
+    y = y.to(x.dtype)  # as the forward: computed in the statistics' dtype, returned in x's
     inputs = (x, scale, shift)
     wanted = [
         t
@@ -260,14 +281,14 @@ def instance_norm(
         n_c = (n, c)
         scale = None if weight is None else weight.to(stats.compute_dtype(input.dtype)).expand(n_c)
         shift = None if bias is None else bias.to(stats.compute_dtype(input.dtype)).expand(n_c)
-        x = input.to(stats.compute_dtype(input.dtype))  # half: one rounding at the end
-        out, mean, var = _ChannelsLastNorm.apply(x, scale, shift, eps)  # type: ignore[no-untyped-call]
+        # Half inputs are computed in float32 block by block: one rounding at the end.
+        out, mean, var = _ChannelsLastNorm.apply(input, scale, shift, eps)  # type: ignore[no-untyped-call]
         if tracking:
             m = input[0, 0].numel()
             _update_running_stats(
                 running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
             )
-        result: Tensor = out.to(input.dtype)
+        result: Tensor = out
         return result
     if tracking:
         with torch.no_grad():
@@ -411,8 +432,8 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
         acc = stats.compute_dtype(x.dtype)
         full_scale = None if scale is None else scale.to(acc).expand(n, c)
         full_shift = None if shift is None else shift.to(acc).expand(n, c)
-        out, _, _ = _ChannelsLastNorm.apply(x.to(acc), full_scale, full_shift, eps)  # type: ignore[no-untyped-call]
-        result: Tensor = out.to(x.dtype)
+        out, _, _ = _ChannelsLastNorm.apply(x, full_scale, full_shift, eps)  # type: ignore[no-untyped-call]
+        result: Tensor = out
         return result
     # A single position: the statistics path (y = shift).
     mean, var = stats._mean_var(x, 0.0, None)

@@ -126,17 +126,36 @@ def _position_blocks(positions: Tensor) -> int:
 
 
 def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
-    """Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each.
+    """Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
+    compute dtype (float32 for half inputs).
 
-    The classic two-pass algorithm (mean, then centred squares), stable on large means; the
-    centring runs block by block so no full-size temporary is allocated.
+    One read of the data, block by block: each cache-sized block gets the classic two-pass
+    mean and centred sum of squares (upcast there, so half inputs need no full-size float32
+    copy), and the blocks are merged with Chan et al.'s parallel formula
+
+        M2 = sum_b M2_b + sum_b n_b (mean_b - mean)^2,
+
+    which is stable on features with a large mean (no E[x^2] - E[x]^2).
     """
-    mean = positions.mean(1, keepdim=True)
-    sum_sq = torch.zeros_like(mean[:, 0])
+    acc = compute_dtype(positions.dtype)
+    m = positions.shape[1]
+    means: list[Tensor] = []
+    sums_sq: list[Tensor] = []
     for chunk in torch.split(positions, _position_blocks(positions), 1):
-        centered = chunk - mean
-        sum_sq += torch.linalg.vecdot(centered, centered, dim=1)
-    return mean.squeeze(1), sum_sq / positions.shape[1]
+        values = chunk.to(acc)
+        block_mean = values.mean(1, keepdim=True)
+        centered = values - block_mean
+        means.append(block_mean.squeeze(1))
+        sums_sq.append(torch.linalg.vecdot(centered, centered, dim=1))
+    if len(means) == 1:
+        return means[0], sums_sq[0] / m
+    block = _position_blocks(positions)
+    counts = torch.full((len(means), 1, 1), float(block), dtype=acc, device=positions.device)
+    counts[-1] = m - block * (len(means) - 1)
+    block_means = torch.stack(means)  # (B, N, C)
+    mean = (block_means * counts).sum(0) / m
+    spread = (block_means - mean).square_().mul_(counts).sum(0)
+    return mean, (torch.stack(sums_sq).sum(0) + spread) / m
 
 
 class _MeanVar(torch.autograd.Function):
@@ -155,17 +174,16 @@ class _MeanVar(torch.autograd.Function):
     def forward(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
         m = _num_positions(x)
-        xs = x.to(compute_dtype(x.dtype))
-        if _memory_format(xs) != torch.contiguous_format:
+        if _memory_format(x) != torch.contiguous_format:
             # channels_last: torch's channels_last group-norm kernel computes the variance as
             # E[x^2] - E[x]^2, which cancels on features with a large mean, and a contiguous copy
             # costs a slow transposing pass. The (N, M, C) view of the same memory reduces well
-            # over M, so take the classic two-pass algorithm there: mean, then centred squares.
-            mean, var = _positions_mean_var(_positions(xs))
+            # over M: two passes per cache-sized block, merged with Chan et al.'s formula. Half
+            # inputs are upcast block by block, not copied whole.
+            mean, var = _positions_mean_var(_positions(x))
         else:
-            _, mean, rstd = torch.ops.aten.native_group_norm(
-                xs.contiguous(), None, None, n, c, m, c, 0.0
-            )
+            xs = x.to(compute_dtype(x.dtype)).contiguous()
+            _, mean, rstd = torch.ops.aten.native_group_norm(xs, None, None, n, c, m, c, 0.0)
             mean = mean.reshape(n, c)
             # rstd = 1 / sqrt(var); a constant channel gives rstd = inf and var = 0 exactly.
             var = rstd.reshape(n, c).reciprocal().square()
