@@ -599,22 +599,6 @@ def test_functional_call_and_grad(name: str, make):
         _close(value, holder.get_parameter(key).grad, 1e-5)
 
 
-def _meanvar_has_vmap_rule() -> bool:
-    meanvar = stats.__dict__.get("_MeanVar")
-    return meanvar is None or bool(
-        getattr(meanvar, "generate_vmap_rule", False) or "vmap" in vars(meanvar)
-    )
-
-
-needs_meanvar_vmap = pytest.mark.xfail(
-    not _meanvar_has_vmap_rule(),
-    reason="stats._MeanVar (an autograd.Function) has no vmap rule: reported, stats.py is the "
-    "lead's (generate_vmap_rule=True or a vmap staticmethod)",
-    raises=RuntimeError,
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
     "options",
     [{}, {"affine": True}, {"affine": True, "track_running_stats": True, "eval": True}],
@@ -674,7 +658,6 @@ def test_vmap_conditional_layers():
     )
 
 
-@needs_meanvar_vmap
 def test_vmap_adain():
     """vmap of AdaIN over an extra leading dimension equals a loop."""
     adain = stylenorm.AdaIN()
@@ -686,13 +669,6 @@ def test_vmap_adain():
     )
 
 
-@pytest.mark.xfail(
-    reason="needs a vmap rule for stats._MeanVar and mask value checks (stats.check_mask, "
-    "functional._adain_check_content_masks) skipped for BatchedTensors as under compile: "
-    "bool((mask < 0).any()) is data-dependent control flow under vmap (reported to the lead)",
-    raises=RuntimeError,
-    strict=False,
-)
 def test_vmap_adain_masked():
     """vmap of masked AdaIN over an extra leading dimension equals a loop."""
     adain = stylenorm.AdaIN()
@@ -720,10 +696,29 @@ def test_vmap_gram_and_gaussian_mmd_losses():
     _vmap_losses(("gram", "mmd_gaussian"))
 
 
-@needs_meanvar_vmap
 def test_vmap_mean_std_and_closed_form_mmd_losses():
     """vmap of the mean/std and closed-form MMD losses (which reduce with stats) equals a loop."""
     _vmap_losses(("mean_std", "mmd"))
+
+
+def test_vmap_over_a_strided_dimension_and_of_grad():
+    """vmap over a middle dimension (strided per-sample views) of the statistics, instance norm
+    and AdaIN, and vmap of torch.func.grad of the statistics, each equal a loop."""
+    gen = torch.Generator().manual_seed(4)
+    xs = torch.randn(2, 3, 4, 5, 6, generator=gen, dtype=torch.float64)
+    adain = stylenorm.AdaIN()
+    for fn in (
+        lambda x: torch.stack(stats.mean_std(x)),
+        lambda x: stylenorm.functional.instance_norm(x),
+        lambda x: adain(x, x.flip(0)),
+    ):
+        _close(torch.func.vmap(fn, in_dims=1)(xs), torch.stack([fn(xs[:, i]) for i in range(3)]))
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        return stats.mean_std(x)[1].sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(spread))(xs)
+    _close(per_sample, torch.stack([torch.func.grad(spread)(x) for x in xs]))
 
 
 def test_grad_transform_of_losses():

@@ -473,7 +473,7 @@ def _cin_check_bank(weight: object, bias: object, num_channels: int) -> None:
 
 
 def _cin_check_ids(ids: Tensor, num_styles: int) -> None:
-    if stats._is_compiling() or ids.device.type == "meta" or ids.numel() == 0:
+    if stats._values_unknown(ids) or ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= num_styles:
@@ -783,7 +783,7 @@ def _adain_check_alpha(alpha: object, content: Tensor) -> float | Tensor:
 
 def _adain_check_content_masks(masks: list[Tensor]) -> None:
     """Region weights must add up to at most 1 at every position (they split the output)."""
-    if stats._is_compiling() or any(m.device.type == "meta" for m in masks):
+    if stats._values_unknown(*masks):
         return
     total = masks[0] if len(masks) == 1 else sum(masks[1:], masks[0])
     assert isinstance(total, Tensor)
@@ -1096,7 +1096,7 @@ def _check_non_negative(value: object, name: str) -> float:
 
 def _check_weight_total(total: Tensor, minimum: float, name: str) -> None:
     """Raise if a mask's total weight is at most ``minimum`` anywhere (eager mode only)."""
-    if stats._is_compiling() or total.device.type == "meta" or total.numel() == 0:
+    if stats._values_unknown(total) or total.numel() == 0:
         return
     if bool(total.min() <= minimum):
         need = (

@@ -50,6 +50,25 @@ def _is_compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
+def _is_vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping."""
+    if _is_compiling():  # dynamo traces vmap itself and cannot trace these queries
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _values_unknown(*tensors: Tensor) -> bool:
+    """Whether value checks (``bool(...)`` of a reduction) must be skipped: under
+    ``torch.compile``, on the meta device, or for tensors batched by ``vmap``, where reading a
+    value is data-dependent control flow. Eager calls always check."""
+    return _is_compiling() or any(t.device.type == "meta" or _is_vmapped(t) for t in tensors)
+
+
 def check_features(x: object, name: str = "input") -> Tensor:
     """Validate a feature map of shape ``(N, C, *spatial)``; return it typed as a Tensor.
 
@@ -91,7 +110,7 @@ def check_mask(mask: object, x: Tensor, name: str = "mask", x_name: str = "input
         if mask.is_complex():
             raise TypeError(f"{name} must be real, got dtype {mask.dtype}")
         mask = mask.to(compute_dtype(x.dtype))
-    if not _is_compiling() and mask.device.type != "meta" and bool((mask < 0).any()):
+    if not _values_unknown(mask) and bool((mask < 0).any()):
         raise ValueError(f"{name} must be non-negative (weights), got a minimum of {mask.min()}")
     return mask
 
@@ -107,6 +126,8 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     whole sample (a size-1 batch dimension may otherwise carry a stride that makes the kernel
     reject the tensor).
     """
+    if _is_vmapped(x):  # vmap hides strides; its batching rules take any layout
+        return torch.contiguous_format
     if not x.is_contiguous() and x.stride(0) >= math.prod(x.shape[1:]):
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             return torch.channels_last
@@ -167,8 +188,11 @@ class _MeanVar(torch.autograd.Function):
 
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
 
-    written in differentiable torch ops so double backward works.
+    written in differentiable torch ops so double backward works. Under ``torch.func.vmap``
+    torch derives the batching rule from these torch ops (``generate_vmap_rule``).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -232,7 +256,7 @@ def _weighted_mean_var(x: Tensor, mask: Tensor, correction: float) -> tuple[Tens
     xs = x.to(compute_dtype(x.dtype))
     w = mask.to(xs.dtype)
     total = w.sum(dims).expand(x.shape[0], x.shape[1])
-    if not _is_compiling() and total.device.type != "meta":
+    if not _values_unknown(total):
         low = total.min() if total.numel() else None
         if low is not None and bool(low <= correction):
             what = "sums to zero" if bool(low <= 0) else f"sums to at most correction={correction}"
