@@ -551,6 +551,26 @@ def test_autocast_losses_are_float32():
         _close(ah, eh, 1e-6)
 
 
+def test_autocast_loss_functions_are_float32():
+    """The function forms too: under autocast(bfloat16) gram_matrix and every loss function
+    return the float32 value of the same input, not a bfloat16 matrix product."""
+    x, _, mask = _loss_inputs()
+    y = 2.0 + 1.5 * x.flip(0, -1)  # a target with x's channels
+    functions: list[Callable[[], Tensor]] = [
+        lambda: stylenorm.functional.gram_matrix(x, mask=mask),
+        lambda: stylenorm.functional.gram_loss(x, y),
+        lambda: stylenorm.functional.mean_std_loss(x, y),
+        lambda: stylenorm.functional.mmd_loss(x, y),
+        lambda: stylenorm.functional.mmd_loss(x, y, kernel="gaussian"),
+    ]
+    for fn in functions:
+        expected = fn()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = fn()
+        assert actual.dtype == torch.float32
+        _close(actual, expected, 1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.func
 

@@ -6,8 +6,10 @@ here; every statistic comes from :mod:`stylenorm.stats`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,9 @@ __all__ = [
     "mean_std_loss",
     "mmd_loss",
 ]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def _check_spatial_size_for_training(input: Tensor) -> None:
@@ -1111,6 +1116,34 @@ def _check_weight_total(total: Tensor, minimum: float, name: str) -> None:
         )
 
 
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast disabled on ``x``'s device while a loss or Gram matrix is computed.
+
+    Autocast would run the Gram and kernel matrix products in half precision (bfloat16 Grams, a
+    bfloat16 Gaussian MMD several percent off); without it every statistic is reduced in float32
+    (:func:`stylenorm.stats.compute_dtype`), so under autocast a loss is the float32 loss of the
+    same (possibly half-precision) input.
+    """
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _float32_under_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with autocast off on the device of its first argument (see _autocast_off)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        first = args[0] if args else None
+        if not isinstance(first, Tensor):
+            return fn(*args, **kwargs)
+        with _autocast_off(first):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _loss_position_weights(mask: Tensor | None, x: Tensor, name: str, x_name: str) -> Tensor | None:
     """Validate a per-position mask for a Gram/MMD and return it as ``(N or 1, 1, M)`` weights.
 
@@ -1171,6 +1204,7 @@ def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) 
     return gram / (total if normalize == "hw" else total * x.shape[1])
 
 
+@_float32_under_autocast
 def gram_matrix(
     x: Tensor, *, normalize: str = "chw", mask: Tensor | None = None, center: bool = False
 ) -> Tensor:
@@ -1245,6 +1279,7 @@ def _gram_loss_from_gram(
     return loss / input.shape[0] if reduction == "batchmean" else loss
 
 
+@_float32_under_autocast
 def gram_loss(
     input: Tensor,
     target: Tensor,
@@ -1365,6 +1400,7 @@ def _check_mean_std_options(
     return eps_value, target_value, corr
 
 
+@_float32_under_autocast
 def mean_std_loss(
     input: Tensor,
     target: Tensor,
@@ -1564,6 +1600,7 @@ def _mmd_loss_from_target(
     return _loss_reduce(per_sample, reduction)
 
 
+@_float32_under_autocast
 def mmd_loss(
     input: Tensor,
     target: Tensor,

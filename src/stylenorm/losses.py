@@ -27,7 +27,6 @@ name                          loss of one layer
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -40,6 +39,7 @@ from . import stats
 from .functional import (
     GRAM_NORMALIZATIONS,
     LOSS_REDUCTIONS,
+    _autocast_off,
     _check_choice,
     _check_mean_std_options,
     _check_mmd_options,
@@ -64,20 +64,6 @@ __all__ = [
     "StyleLoss",
     "get_convention",
 ]
-
-
-def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
-    """Autocast disabled on ``x``'s device while a loss is computed.
-
-    Autocast would run the Gram and kernel matrix products in half precision (bfloat16 Grams, a
-    bfloat16 Gaussian MMD several percent off); without it every statistic is reduced in float32
-    (:func:`stylenorm.stats.compute_dtype`), so under autocast a loss is the float32 loss of the
-    same (possibly half-precision) input.
-    """
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
 
 
 class _CachedTargetLoss(nn.Module):
