@@ -318,3 +318,86 @@ def test_channels_last_instance_norm_in_several_blocks(dtype: torch.dtype, grad_
         torch.testing.assert_close(ours.detach().double(), ref, rtol=tol, atol=tol * scale)
     assert b_ref.grad is not None
     torch.testing.assert_close(bias.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-3)
+
+
+def test_batch_norm_fast_path_is_taken_where_expected():
+    # The contiguous float CPU training path (stylenorm's statistics, torch's backward) must be
+    # what the reference and gradcheck tests above exercise; everything else is torch's kernel.
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    c = torch.zeros(3, dtype=torch.float64)
+    assert functional._batch_norm_fast_path(x, None, None, None, None)
+    assert functional._batch_norm_fast_path(x, c, c + 1, c + 1, c)
+    assert functional._batch_norm_fast_path(x[:, :, :1, :1].contiguous(), None, None, None, None)
+    assert not functional._batch_norm_fast_path(x[:1, :, :1, :1], None, None, None, None)
+    assert not functional._batch_norm_fast_path(
+        x.contiguous(memory_format=torch.channels_last), None, None, None, None
+    )
+    assert not functional._batch_norm_fast_path(x.bfloat16(), None, None, None, None)
+    assert not functional._batch_norm_fast_path(x[:, :, 0, 0], None, None, None, None)  # (N, C)
+    assert not functional._batch_norm_fast_path(x, c.float(), c.float(), None, None)
+    assert not functional._batch_norm_fast_path(x, c, None, None, None)
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0, -3e3])
+def test_batch_norm_float32_against_float64_at_large_mean(offset: float):
+    # Forward, running statistics and gradients of float32 batch norm against float64 of the
+    # same values, with features whose mean dwarfs their spread (no E[x^2] - E[x]^2 here).
+    gen = torch.Generator().manual_seed(21)
+    x64 = offset + 0.5 * torch.randn(6, 4, 9, 7, generator=gen, dtype=torch.float64)
+    grad = torch.randn(x64.shape, generator=gen, dtype=torch.float64)
+    weight64, bias64 = _affine(4, 5)
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        x, weight, bias = (t.to(dtype).clone().requires_grad_() for t in (x64, weight64, bias64))
+        running = (torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype))
+        y = functional.batch_norm(x, *running, weight, bias, True, 0.3, 1e-5)
+        y.backward(grad.to(dtype))
+        assert x.grad is not None and weight.grad is not None and bias.grad is not None
+        results[dtype] = [t.detach().double() for t in (y, *running, x.grad, weight.grad)]
+    expected_running = reference.batch_norm_running_stats(_np(x64), np.zeros(4), np.ones(4), 0.3)
+    np.testing.assert_allclose(_np(results[torch.float64][1]), expected_running[0], rtol=1e-12)
+    np.testing.assert_allclose(_np(results[torch.float64][2]), expected_running[1], rtol=1e-12)
+    expected_y = reference.batch_norm(_np(x64), _np(weight64), _np(bias64), 1e-5)
+    np.testing.assert_allclose(_np(results[torch.float64][0]), expected_y, rtol=1e-9, atol=1e-9)
+    # float32 against float64 on the float32-rounded input (its own reference values).
+    x32_64 = x64.float().double()
+    expected_running32 = reference.batch_norm_running_stats(
+        _np(x32_64), np.zeros(4), np.ones(4), 0.3
+    )
+    np.testing.assert_allclose(_np(results[torch.float32][1]), expected_running32[0], rtol=1e-6)
+    np.testing.assert_allclose(_np(results[torch.float32][2]), expected_running32[1], rtol=1e-4)
+    expected_y32 = reference.batch_norm(_np(x32_64), _np(weight64), _np(bias64), 1e-5)
+    # float32 rounds x - mean at the input's own ulp, scaled up by 1/std = 2.
+    atol = 2e-5 + 8 * 1.2e-7 * abs(offset) / 0.5
+    np.testing.assert_allclose(_np(results[torch.float32][0]), expected_y32, atol=atol)
+    theirs = F.batch_norm(x64.float(), None, None, weight64.float(), bias64.float(), True)
+    ours_error = np.abs(_np(results[torch.float32][0]) - expected_y32).max()
+    # Both at the level of that rounding (torch's fused evaluation kernel computes x * a + b).
+    assert ours_error <= 3 * np.abs(_np(theirs) - expected_y32).max() + 1e-6
+    for ours, ref in zip(results[torch.float32][3:], results[torch.float64][3:], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("which", ["instance_channels_last", "batch_contiguous"])
+def test_func_grad_of_custom_backward_paths(which: str):
+    # torch.func.grad needs autograd Functions with setup_context: both custom backward paths.
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, 5, 6, generator=gen, dtype=torch.float64)
+    weight, bias = _affine(4, 9)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    if which == "instance_channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def loss(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if which == "instance_channels_last":
+            y = functional.instance_norm(x, None, None, w, bias)
+        else:
+            y = functional.batch_norm(x, None, None, w, bias, True)
+        return (y * g).sum()
+
+    grads = torch.func.grad(loss, argnums=(0, 1))(x, weight)
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss(xr, wr).backward()
+    assert xr.grad is not None and wr.grad is not None
+    torch.testing.assert_close(grads[0], xr.grad)
+    torch.testing.assert_close(grads[1], wr.grad)

@@ -85,7 +85,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
+        x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         mean, var = stats._positions_mean_var(stats._positions(x))
         rstd = torch.rsqrt(var + eps)
@@ -105,10 +105,19 @@ class _ChannelsLastNorm(torch.autograd.Function):
                 torch.split(positions, block, 1), torch.split(out_positions, block, 1), strict=True
             ):
                 o_chunk.copy_(torch.addcmul(b_u, x_chunk.to(a.dtype), a_u))
-        ctx.save_for_backward(x, scale, shift, mean, rstd)
+        return out, mean, var
+
+    @staticmethod
+    def setup_context(
+        ctx: Any,
+        inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
+        output: tuple[Tensor, Tensor, Tensor],
+    ) -> None:
+        x, scale, shift, eps = inputs
+        _, mean, var = output
+        ctx.save_for_backward(x, scale, shift, mean, torch.rsqrt(var + eps))
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -316,6 +325,95 @@ def _kernel_dtypes_match(input: Tensor, weight: Tensor | None, bias: Tensor | No
     return True
 
 
+class _BatchNormTrain(torch.autograd.Function):
+    r"""Training batch norm of a contiguous float32/float64 CPU input from stylenorm's statistics.
+
+    torch's CPU training kernel for contiguous input reduces each channel over its N strided
+    runs and takes several times longer than its evaluation kernel. Here the statistics come from
+    :func:`stylenorm.stats._batch_mean_var_contiguous` (stable two-pass rows, merged exactly),
+    the output from torch's fused evaluation kernel with them, and the gradient from torch's own
+    training backward, given the same mean and :math:`1/\sqrt{\sigma^2+\epsilon}`: torch's
+    numbers to float32 rounding. Returns ``(y, mean, var)``; the statistics carry no gradient.
+    Double backward recomputes through ``F.batch_norm``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var = stats._batch_mean_var_contiguous(x)
+        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        return out, mean, var
+
+    @staticmethod
+    def setup_context(
+        ctx: Any,
+        inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
+        output: tuple[Tensor, Tensor, Tensor],
+    ) -> None:
+        x, weight, bias, eps = inputs
+        _, mean, var = output
+        ctx.save_for_backward(x, weight, bias, mean, torch.rsqrt(var + eps))
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
+            inputs = (x, weight, bias)
+            wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
+            y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
+            found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
+            grads = [
+                next(found) if need and t is not None else None
+                for t, need in zip(inputs, needs, strict=True)
+            ]
+            return grads[0], grads[1], grads[2], None
+        mask = [
+            bool(needs[0]),
+            bool(needs[1] and weight is not None),
+            bool(needs[2] and bias is not None),
+        ]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps, mask
+        )
+        return grad_x, grad_w, grad_b, None
+
+
+def _batch_norm_fast_path(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> bool:
+    """Whether training batch norm can take :class:`_BatchNormTrain`: a contiguous float32 or
+    float64 CPU input with spatial dims, more than one value per channel, and (C,) vectors of
+    its dtype. Anything else goes to torch's function, with its checks and errors."""
+    if (
+        input.device.type != "cpu"
+        or input.dtype not in (torch.float32, torch.float64)
+        or input.dim() < 3
+        or not input.is_contiguous()
+        or input.numel() == 0
+        or input.numel() // input.shape[1] < 2
+        or stats._is_compiling()
+        or stats._is_vmapped(input)
+    ):
+        return False
+    if (running_mean is None) != (running_var is None):
+        return False
+    c = input.shape[1]
+    return all(
+        t is None or (t.shape == (c,) and t.dtype == input.dtype and t.device == input.device)
+        for t in (running_mean, running_var, weight, bias)
+    )
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -379,6 +477,16 @@ def batch_norm(
                 mean, var = stats._channel_mean_var(input.detach(), 1.0)
             _update_running_stats(running_mean, running_var, mean, var, momentum)
             return out
+    if training and _batch_norm_fast_path(input, running_mean, running_var, weight, bias):
+        # Contiguous float CPU input: torch's training kernel is slow here; same numbers faster.
+        out, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
+        if tracks:
+            count = input.numel() // input.shape[1]
+            _update_running_stats(
+                running_mean, running_var, mean, var * (count / (count - 1)), momentum
+            )
+        result: Tensor = out
+        return result
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 

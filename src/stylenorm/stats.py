@@ -179,6 +179,39 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (torch.stack(sums_sq).sum(0) + spread) / m
 
 
+def _rows_mean_var(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance of each row of a contiguous ``(R, M)`` float32/float64 tensor.
+
+    The classic two-pass algorithm (mean, then centred squares: stable on large means), run on
+    cache-sized blocks of rows so the centred temporary never costs a full-size allocation.
+    """
+    per_block = max(1, (1 << 18) // max(1, rows.shape[1]))
+    means: list[Tensor] = []
+    sums_sq: list[Tensor] = []
+    for chunk in torch.split(rows, per_block, 0):
+        mean = chunk.mean(1, keepdim=True)
+        centered = chunk - mean
+        means.append(mean.squeeze(1))
+        sums_sq.append(torch.linalg.vecdot(centered, centered))
+    return torch.cat(means), torch.cat(sums_sq) / rows.shape[1]
+
+
+def _batch_mean_var_contiguous(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch norm's biased per-channel mean and variance of a contiguous float32/float64
+    ``(N, C, *spatial)`` tensor, ``(C,)`` each.
+
+    Each (sample, channel) row is reduced two-pass (:func:`_rows_mean_var`); the N rows of a
+    channel, all of M positions, merge with Chan et al.'s formula for equal counts:
+
+        mean_c = mean_n(mean_nc),   var_c = mean_n(var_nc) + mean_n((mean_nc - mean_c)^2).
+    """
+    n, c = x.shape[0], x.shape[1]
+    row_mean, row_var = _rows_mean_var(x.view(n * c, -1))
+    row_mean, row_var = row_mean.view(n, c), row_var.view(n, c)
+    mean = row_mean.mean(0)
+    return mean, row_var.mean(0) + (row_mean - mean).square().mean(0)
+
+
 class _MeanVar(torch.autograd.Function):
     """Mean and variance over the trailing dims with one fused reduction and a closed-form VJP.
 
