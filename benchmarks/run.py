@@ -339,10 +339,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
 
-    print(
-        f"# stylenorm benchmarks, {datetime.date.today()}, torch {torch.__version__}, "
+    title = (
+        f"stylenorm benchmarks, {datetime.date.today()}, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
     )
+    if "cuda" in devices and torch.cuda.is_available():
+        title += f", {torch.cuda.get_device_name()}"
+    print(f"# {title}")
     header = (
         "| device | op | shape | layout | dtype | pass | ours ms | baseline ms | "
         "ratio | ours/clone | baseline/clone | baseline |"
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"header": title, "rows": rows}, f, indent=1)
     return rows
 
 

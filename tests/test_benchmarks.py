@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -30,3 +31,51 @@ def test_quick_run_covers_every_op(
         assert math.isclose(row["ratio"], row["baseline_ms"] / row["ours_ms"], rel_tol=1e-9)
     out = capsys.readouterr().out
     assert "| ratio |" in out and "torch.nn.InstanceNorm2d" in out
+
+
+def _load(name: str, path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_of_a_quick_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    suite = _load("stylenorm_benchmarks_run", SUITE, monkeypatch)
+    report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
+    out = tmp_path / "quick.json"
+    rows = suite.main(["--quick", "--json", str(out)])
+    text = report.report([str(out)])
+    assert text.startswith("stylenorm benchmarks, ")
+    # one full-table line per (op, layout, dtype) case, both passes on it
+    case_lines = [line for line in text.splitlines() if line.startswith("| cpu | ")]
+    ops = {row["op"] for row in rows}
+    for op in ops:
+        assert any(f"| cpu | {op} | 2x4x8x8 |" in line for line in case_lines)
+    assert "| cpu | InstanceNorm forward | >= 3x |" in text
+
+
+def test_report_flags_a_missed_target(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
+    row = {
+        "device": "cpu",
+        "op": "instance_norm",
+        "shape": "8x64x64x64",
+        "layout": "contiguous",
+        "dtype": "float32",
+        "ours_ms": 1.0,
+        "ours_clone": 1.0,
+        "baseline_clone": 2.0,
+        "baseline": "torch.nn.InstanceNorm2d",
+    }
+    rows = [
+        {**row, "pass": "fwd", "baseline_ms": 2.0, "ratio": 2.0},  # below the 3x target
+        {**row, "pass": "fwd+bwd", "baseline_ms": 2.5, "ratio": 2.5},  # above the 2x target
+    ]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    lines = report.report([str(path)]).splitlines()
+    assert "| cpu | InstanceNorm forward | >= 3x | 2.00x | **no** | - |" in lines
+    assert "| cpu | InstanceNorm forward+backward | >= 2x | 2.50x | yes | - |" in lines

@@ -1,0 +1,182 @@
+"""Markdown report of benchmark results: the issue's targets checked, then the full table.
+
+    python benchmarks/run.py --json cpu.json
+    python benchmarks/report.py cpu.json [more.json ...] > report.md
+
+Each JSON file is what ``run.py --json`` writes (rows of one run; several files are merged, a
+later row replacing an earlier one of the same case). The targets are checked on the float32
+rows of each device; the full table has one line per case with both passes side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+Row = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A speed or memory target: ``value(row) >= minimum`` (or ``<= maximum``) on every row
+    that ``applies`` selects."""
+
+    name: str
+    applies: Callable[[Row], bool]
+    minimum: float | None = None
+    maximum: float | None = None
+    memory: bool = False
+
+    def value(self, row: Row) -> float | None:
+        value = row.get("memory_ratio") if self.memory else row.get("ratio")
+        return None if value is None or math.isnan(value) else float(value)
+
+    def describe(self) -> str:
+        unit = "x the baseline's peak memory" if self.memory else "x"
+        if self.minimum is not None:
+            return f">= {self.minimum:g}{unit}"
+        return f"<= {self.maximum:g}{unit}"
+
+    def met(self, value: float) -> bool:
+        if self.minimum is not None:
+            return value >= self.minimum
+        assert self.maximum is not None
+        return value <= self.maximum
+
+
+def _is(op: str, pass_: str | None = None, layout: str | None = None) -> Callable[[Row], bool]:
+    def applies(row: Row) -> bool:
+        return (
+            row["op"] == op
+            and (pass_ is None or row["pass"] == pass_)
+            and (layout is None or row["layout"] == layout)
+        )
+
+    return applies
+
+
+# The speed issue's targets (CPU, float32). Ratios are baseline time / ours.
+TARGETS = [
+    Target("InstanceNorm forward", _is("instance_norm", "fwd"), minimum=3.0),
+    Target("InstanceNorm forward+backward", _is("instance_norm", "fwd+bwd"), minimum=2.0),
+    Target(
+        "InstanceNorm channels_last forward",
+        _is("instance_norm", "fwd", "channels_last"),
+        minimum=3.0,
+    ),
+    Target(
+        "InstanceNorm channels_last forward+backward",
+        _is("instance_norm", "fwd+bwd", "channels_last"),
+        minimum=3.0,
+    ),
+    Target("BatchNorm (never slower)", _is("batch_norm"), minimum=1.0),
+    Target("ConditionalInstanceNorm forward+backward", _is("cin", "fwd+bwd"), minimum=3.0),
+    Target("AdaIN forward+backward", _is("adain", "fwd+bwd"), minimum=3.0),
+    Target("AdaIN alpha=0.6 forward+backward", _is("adain_alpha", "fwd+bwd"), minimum=3.0),
+    Target("stats.mean_std vs torch.var_mean", _is("mean_std", "fwd"), minimum=3.0),
+    Target("gram_loss within 1.15x of bmm + mse_loss", _is("gram_loss"), minimum=1 / 1.15),
+    Target("mean_std_loss vs the plain formula", _is("mean_std_loss"), minimum=2.0),
+    Target("AdaIN peak memory", _is("adain", "fwd+bwd"), maximum=0.7, memory=True),
+    Target("CIN peak memory", _is("cin", "fwd+bwd"), maximum=0.7, memory=True),
+]
+
+
+def load(paths: Iterable[str]) -> tuple[list[Row], list[str]]:
+    """Rows of every file (later files replace earlier rows of the same case) and their
+    header lines."""
+    merged: dict[tuple[Any, ...], Row] = {}
+    headers: list[str] = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        rows = data["rows"] if isinstance(data, dict) else data
+        if isinstance(data, dict) and data.get("header") and data["header"] not in headers:
+            headers.append(data["header"])
+        for row in rows:
+            key = tuple(row[k] for k in ("device", "op", "shape", "layout", "dtype", "pass"))
+            key += (row["baseline"],)
+            merged[key] = {**merged.get(key, {}), **row}
+    return list(merged.values()), headers
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}x" if math.isclose(low, high, rel_tol=5e-3) else f"{low:.2f}x-{high:.2f}x"
+
+
+def target_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| device | target | wanted | float32 measured | met | bfloat16 (no target) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for device in sorted({row["device"] for row in rows}):
+        for target in TARGETS:
+            selected = [r for r in rows if r["device"] == device and target.applies(r)]
+            f32 = [v for r in selected if r["dtype"] == "float32" if (v := target.value(r))]
+            bf16 = [v for r in selected if r["dtype"] == "bfloat16" if (v := target.value(r))]
+            if not f32 and not bf16:
+                continue
+            met = "-" if not f32 else ("yes" if all(target.met(v) for v in f32) else "**no**")
+            lines.append(
+                f"| {device} | {target.name} | {target.describe()} | "
+                f"{_span(f32) if f32 else '-'} | {met} | {_span(bf16) if bf16 else '-'} |"
+            )
+    return lines
+
+
+def full_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| device | op | shape | layout | dtype | fwd ms (ours / baseline) | fwd ratio | "
+        "fwd+bwd ms (ours / baseline) | fwd+bwd ratio | fwd+bwd /clone (ours / baseline) | "
+        "peak MiB (ours / baseline) | baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cases: dict[tuple[Any, ...], dict[str, Row]] = {}
+    for row in rows:
+        key = tuple(row[k] for k in ("device", "op", "shape", "layout", "dtype", "baseline"))
+        cases.setdefault(key, {})[row["pass"]] = row
+    for (device, op, shape, layout, dtype, baseline), passes in cases.items():
+        cells = []
+        for name in ("fwd", "fwd+bwd"):
+            row = passes.get(name)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            cells += [f"{row['ours_ms']:.2f} / {row['baseline_ms']:.2f}", f"{row['ratio']:.2f}x"]
+        both = passes.get("fwd+bwd")
+        clone = (
+            f"{both['ours_clone']:.1f} / {both['baseline_clone']:.1f}" if both is not None else "-"
+        )
+        memory = (
+            f"{both['ours_peak_mib']:.0f} / {both['baseline_peak_mib']:.0f}"
+            if both is not None and "ours_peak_mib" in both
+            else "-"
+        )
+        lines.append(
+            f"| {device} | {op} | {shape} | {layout} | {dtype} | {' | '.join(cells)} | {clone} | "
+            f"{memory} | {baseline} |"
+        )
+    return lines
+
+
+def report(paths: list[str]) -> str:
+    rows, headers = load(paths)
+    out = [f"{header}" for header in headers]
+    out += ["", *target_table(rows), "", *full_table(rows)]
+    return "\n".join(out).strip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", help="JSON files written by run.py --json")
+    args = parser.parse_args(argv)
+    sys.stdout.write(report(args.files))
+
+
+if __name__ == "__main__":
+    main()
