@@ -1292,6 +1292,34 @@ def _loss_reduce(per_element: Tensor, reduction: str) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+class _Gram(torch.autograd.Function):
+    r"""Scaled Gram matrices :math:`G = s\,F F^\top` of ``(N, C, M)`` features, ``(N, C, C)``.
+
+    The backward pass uses the symmetry of the product, :math:`\partial F = s\,(\partial G +
+    \partial G^\top) F`: one batched matmul where autograd's generic ``bmm`` backward takes two
+    (one per operand). Written in differentiable ops, so double backward works.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(features: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        gram = torch.bmm(features, features.mT)
+        return gram if scale == 1.0 else gram.mul_(scale)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: Tensor) -> None:
+        features, scale = inputs
+        ctx.save_for_backward(features)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (features,) = ctx.saved_tensors
+        grad_features = torch.bmm(grad + grad.mT, features)
+        return (grad_features if ctx.scale == 1.0 else grad_features * ctx.scale), None
+
+
 def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) -> Tensor:
     """Unvalidated Gram matrices of ``x`` in the compute dtype; ``weights`` is ``(N|1, 1, M)``."""
     features = _loss_features(x)
@@ -1300,11 +1328,10 @@ def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) 
         mean, _ = stats._mean_var(x, 0.0, mask)
         features = features - mean.to(features.dtype).unsqueeze(-1)
     if weights is None:
-        gram = torch.bmm(features, features.mT)
         count = float(features.shape[-1])
-        if normalize == "none":
-            return gram
-        return gram * (1.0 / (count if normalize == "hw" else count * x.shape[1]))
+        scale = {"none": 1.0, "hw": 1.0 / count}.get(normalize, 1.0 / (count * x.shape[1]))
+        gram: Tensor = _Gram.apply(features, scale)  # type: ignore[no-untyped-call]
+        return gram
     gram = torch.bmm(features * weights, features.mT)
     if normalize == "none":
         return gram
