@@ -147,11 +147,18 @@ def full_table(rows: list[Row]) -> list[str]:
             if row is None:
                 cells += ["-", "-"]
                 continue
-            cells += [f"{row['ours_ms']:.2f} / {row['baseline_ms']:.2f}", f"{row['ratio']:.2f}x"]
+            if row["ratio"] is None:  # the baseline did not run at this size
+                cells += [f"{row['ours_ms']:.2f} / -", "-"]
+            else:
+                cells += [
+                    f"{row['ours_ms']:.2f} / {row['baseline_ms']:.2f}",
+                    f"{row['ratio']:.2f}x",
+                ]
         both = passes.get("fwd+bwd")
-        clone = (
-            f"{both['ours_clone']:.1f} / {both['baseline_clone']:.1f}" if both is not None else "-"
-        )
+        clone = "-"
+        if both is not None:
+            base = both["baseline_clone"]
+            clone = f"{both['ours_clone']:.1f} / {'-' if base is None else f'{base:.1f}'}"
         memory = (
             f"{both['ours_peak_mib']:.0f} / {both['baseline_peak_mib']:.0f}"
             if both is not None and "ours_peak_mib" in both
