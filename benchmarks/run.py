@@ -226,7 +226,9 @@ def _runner(fn: Callable[[Tensor], Tensor], x: Tensor, backward: bool) -> Fn:
 
 
 def _median_seconds(fn: Fn, min_run_time: float) -> float:
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # Timer runs single-threaded unless told: time with the thread count torch uses by default.
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def time_pair(ours: Fn, baseline: Fn, rounds: int, min_run_time: float) -> tuple[float, float]:
@@ -371,6 +373,51 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def _row(
+    case: tuple[str, str, str, str, str],
+    backward: bool,
+    ours_s: float,
+    base_s: float | None,
+    clone_s: float,
+    base_name: str,
+) -> dict[str, Any]:
+    """One result row; ``base_s`` is None where the baseline cannot run at this size."""
+    device, op, shape, layout, dtype_name = case
+    return {
+        "device": device,
+        "op": op,
+        "shape": shape,
+        "layout": layout,
+        "dtype": dtype_name,
+        "pass": "fwd+bwd" if backward else "fwd",
+        "ours_ms": ours_s * 1e3,
+        "baseline_ms": None if base_s is None else base_s * 1e3,
+        "ratio": None if base_s is None else base_s / ours_s,
+        "ours_clone": ours_s / clone_s,
+        "baseline_clone": None if base_s is None else base_s / clone_s,
+        "baseline": base_name,
+    }
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    def cell(key: str, spec: str) -> str:
+        return "-" if row[key] is None else format(row[key], spec)
+
+    ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+    line = (
+        f"| {row['device']} | {row['op']} | {row['shape']} | {row['layout']} | {row['dtype']} | "
+        f"{row['pass']} | {cell('ours_ms', '.3f')} | {cell('baseline_ms', '.3f')} | "
+        f"{ratio} | {cell('ours_clone', '.1f')} | {cell('baseline_clone', '.1f')} "
+        f"| {row['baseline']} |"
+    )
+    if "memory_ratio" in row:
+        line += (
+            f" peak MiB {row['ours_peak_mib']:.0f} vs {row['baseline_peak_mib']:.0f}"
+            f" ({row['memory_ratio']:.2f}x) |"
+        )
+    print(line, flush=True)
+
+
 def _bench_one(
     op: str,
     shape: tuple[int, ...],
@@ -385,57 +432,25 @@ def _bench_one(
     x = make_input(shape, layout, dtype, device)
     case = make_case(op, x)
     clone_s = _median_seconds(lambda: x.clone(), min_run_time)
+    key = (device, op, "x".join(map(str, shape)), layout, dtype_name)
+    rows = []
     if case.baseline is None:  # ours alone
-        rows = []
         for backward in (False, True):
             fn = _runner(case.ours, x, backward)
             fn()
             ours_s = sorted(_median_seconds(fn, min_run_time) for _ in range(rounds))[rounds // 2]
-            row = {
-                "device": device,
-                "op": op,
-                "shape": "x".join(map(str, shape)),
-                "layout": layout,
-                "dtype": dtype_name,
-                "pass": "fwd+bwd" if backward else "fwd",
-                "ours_ms": ours_s * 1e3,
-                "baseline_ms": None,
-                "ratio": None,
-                "ours_clone": ours_s / clone_s,
-                "baseline_clone": None,
-                "baseline": case.baseline_name,
-            }
-            rows.append(row)
-            print(
-                f"| {device} | {op} | {row['shape']} | {layout} | {dtype_name} | {row['pass']} | "
-                f"{row['ours_ms']:.3f} | - | - | {row['ours_clone']:.1f} | - | "
-                f"{case.baseline_name} |",
-                flush=True,
-            )
+            rows.append(_row(key, backward, ours_s, None, clone_s, case.baseline_name))
+            _print_row(rows[-1])
         return rows
     sides = [(case.baseline_name, case.baseline)]
     if args.compile and case.plain is not None:
         sides.append(("torch.compile(plain)", torch.compile(case.plain)))
-    rows = []
     for backward in (False, True):
         for base_name, base_fn in sides:
             ours_s, base_s = time_pair(
                 _runner(case.ours, x, backward), _runner(base_fn, x, backward), rounds, min_run_time
             )
-            row = {
-                "device": device,
-                "op": op,
-                "shape": "x".join(map(str, shape)),
-                "layout": layout,
-                "dtype": dtype_name,
-                "pass": "fwd+bwd" if backward else "fwd",
-                "ours_ms": ours_s * 1e3,
-                "baseline_ms": base_s * 1e3,
-                "ratio": base_s / ours_s,
-                "ours_clone": ours_s / clone_s,
-                "baseline_clone": base_s / clone_s,
-                "baseline": base_name,
-            }
+            row = _row(key, backward, ours_s, base_s, clone_s, base_name)
             if args.memory and backward and base_name == case.baseline_name:
                 ours_mb = peak_memory(op, "ours", shape, layout, dtype_name, device)
                 base_mb = peak_memory(op, "baseline", shape, layout, dtype_name, device)
@@ -445,18 +460,7 @@ def _bench_one(
                     memory_ratio=ours_mb / base_mb if base_mb else float("nan"),
                 )
             rows.append(row)
-            line = (
-                f"| {device} | {op} | {row['shape']} | {layout} | {dtype_name} | "
-                f"{row['pass']} | {row['ours_ms']:.3f} | {row['baseline_ms']:.3f} | "
-                f"{row['ratio']:.2f}x | {row['ours_clone']:.1f} | {row['baseline_clone']:.1f} "
-                f"| {base_name} |"
-            )
-            if "memory_ratio" in row:
-                line += (
-                    f" peak MiB {row['ours_peak_mib']:.0f} vs {row['baseline_peak_mib']:.0f}"
-                    f" ({row['memory_ratio']:.2f}x) |"
-                )
-            print(line, flush=True)
+            _print_row(row)
     return rows
 
 
