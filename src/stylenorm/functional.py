@@ -139,7 +139,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
         ):
             g_values = g_chunk.to(acc)
             sum_g += g_values.sum(1)
-            sum_gd += torch.linalg.vecdot(g_values, x_chunk.to(acc) - mean_u, dim=1)
+            sum_gd += (x_chunk.to(acc) - mean_u).mul_(g_values).sum(1)
         grad_x = None
         if ctx.needs_input_grad[0]:
             a = rstd if scale is None else rstd * scale
@@ -154,7 +154,8 @@ class _ChannelsLastNorm(torch.autograd.Function):
                 torch.split(out, block, 1),
                 strict=True,
             ):
-                term = (x_chunk.to(acc) - mean_u).mul_(coef).add_(const)
+                term = x_chunk.to(acc) - mean_u  # centred first: exact at a large mean
+                torch.addcmul(const, term, coef, out=term)
                 if o_chunk.dtype == acc:
                     torch.addcmul(term, g_chunk, a_u, out=o_chunk)
                 else:  # half: computed in float32, rounded once

@@ -167,7 +167,8 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
         block_mean = values.mean(1, keepdim=True)
         centered = values - block_mean
         means.append(block_mean.squeeze(1))
-        sums_sq.append(torch.linalg.vecdot(centered, centered, dim=1))
+        # square_ + sum on the temporary: torch.linalg.vecdot is many times slower on CPU here.
+        sums_sq.append(centered.square_().sum(1))
     if len(means) == 1:
         return means[0], sums_sq[0] / m
     block = _position_blocks(positions)
@@ -192,7 +193,7 @@ def _rows_mean_var(rows: Tensor) -> tuple[Tensor, Tensor]:
         mean = chunk.mean(1, keepdim=True)
         centered = chunk - mean
         means.append(mean.squeeze(1))
-        sums_sq.append(torch.linalg.vecdot(centered, centered))
+        sums_sq.append(centered.square_().sum(1))
     return torch.cat(means), torch.cat(sums_sq) / rows.shape[1]
 
 
