@@ -3,8 +3,9 @@
     python benchmarks/run.py --json cpu.json
     python benchmarks/report.py cpu.json [more.json ...] > report.md
 
-Each JSON file is what ``run.py --json`` writes (rows of one run; several files are merged, a
-later row replacing an earlier one of the same case). The targets are checked on the float32
+Each JSON file is what ``run.py --json`` writes. Several files are merged: a case run more than
+once keeps its median run (the lower middle one for an even count), so repeated runs damp the
+noise of a shared machine. The targets are checked on the float32
 rows of each device; the full table has one line per case with both passes side by side.
 """
 
@@ -39,8 +40,8 @@ class Target:
     def describe(self) -> str:
         unit = "x the baseline's peak memory" if self.memory else "x"
         if self.minimum is not None:
-            return f">= {self.minimum:g}{unit}"
-        return f"<= {self.maximum:g}{unit}"
+            return f">= {self.minimum:.3g}{unit}"
+        return f"<= {self.maximum:.3g}{unit}"
 
     def met(self, value: float) -> bool:
         if self.minimum is not None:
@@ -87,9 +88,10 @@ TARGETS = [
 
 
 def load(paths: Iterable[str]) -> tuple[list[Row], list[str]]:
-    """Rows of every file (later files replace earlier rows of the same case) and their
-    header lines."""
-    merged: dict[tuple[Any, ...], Row] = {}
+    """Rows of every file and their header lines. A case measured in several files (repeated
+    runs) keeps the run with the median ratio, the lower of the middle two for an even count;
+    peak memory comes from the ``--memory`` run, whose brief timings are not used."""
+    runs: dict[tuple[Any, ...], list[Row]] = {}
     headers: list[str] = []
     for path in paths:
         with open(path) as f:
@@ -97,11 +99,20 @@ def load(paths: Iterable[str]) -> tuple[list[Row], list[str]]:
         rows = data["rows"] if isinstance(data, dict) else data
         if isinstance(data, dict) and data.get("header") and data["header"] not in headers:
             headers.append(data["header"])
+        memory_run = any("ours_peak_mib" in row for row in rows)
         for row in rows:
+            row = {**row, "_memory_run": memory_run}
             key = tuple(row[k] for k in ("device", "op", "shape", "layout", "dtype", "pass"))
-            key += (row["baseline"],)
-            merged[key] = {**merged.get(key, {}), **row}
-    return list(merged.values()), headers
+            runs.setdefault((*key, row["baseline"]), []).append(row)
+    merged = []
+    for rows in runs.values():
+        extra = {k: v for row in rows for k, v in row.items() if k.endswith(("peak_mib", "_ratio"))}
+        # Memory runs (--memory, timed briefly) give their peaks, not their times, where the
+        # case has timing runs too.
+        timing = [r for r in rows if not r["_memory_run"]] or rows
+        timed = sorted(timing, key=lambda r: -math.inf if r["ratio"] is None else r["ratio"])
+        merged.append({**extra, **timed[(len(timed) - 1) // 2]})
+    return merged, headers
 
 
 def _span(values: list[float]) -> str:

@@ -79,3 +79,36 @@ def test_report_flags_a_missed_target(monkeypatch: pytest.MonkeyPatch, tmp_path:
     lines = report.report([str(path)]).splitlines()
     assert "| cpu | InstanceNorm forward | >= 3x | 2.00x | **no** | - |" in lines
     assert "| cpu | InstanceNorm forward+backward | >= 2x | 2.50x | yes | - |" in lines
+
+
+def test_report_keeps_the_median_run_and_memory_from_the_memory_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
+    base = {
+        "device": "cpu",
+        "op": "cin",
+        "shape": "8x64x64x64",
+        "layout": "contiguous",
+        "dtype": "float32",
+        "pass": "fwd+bwd",
+        "baseline_ms": 10.0,
+        "ours_clone": 1.0,
+        "baseline_clone": 2.0,
+        "baseline": "plain formula",
+    }
+    paths = []
+    for k, ours_ms in enumerate((1.0, 4.0, 2.0)):  # ratios 10, 2.5, 5: the median is 5
+        path = tmp_path / f"run{k}.json"
+        path.write_text(json.dumps([{**base, "ours_ms": ours_ms, "ratio": 10.0 / ours_ms}]))
+        paths.append(str(path))
+    memory = {**base, "ours_ms": 10.0, "ratio": 1.0, "ours_peak_mib": 16.0}
+    memory.update(baseline_peak_mib=48.0, memory_ratio=1 / 3)
+    path = tmp_path / "memory.json"
+    path.write_text(json.dumps([memory]))
+    rows, _ = report.load([str(path), *paths])
+    assert len(rows) == 1
+    assert rows[0]["ratio"] == 5.0  # not the memory run's brief timing
+    assert rows[0]["memory_ratio"] == 1 / 3
+    rows, _ = report.load(paths[:2])  # ratios 10 and 2.5: the lower middle one
+    assert rows[0]["ratio"] == 2.5
