@@ -64,6 +64,21 @@ def _update_running_stats(
         buffer.copy_(updated)
 
 
+def _save_normalization_context(
+    ctx: Any,
+    inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
+    output: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    r"""``setup_context`` of the normalization Functions below, whose forward is
+    ``(x, scale or weight, shift or bias, eps) -> (y, mean, var)``: saves x, the two affine
+    tensors, the mean and :math:`1/\sqrt{\sigma^2+\epsilon}`; the statistics carry no gradient."""
+    x, scale, shift, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, scale, shift, mean, torch.rsqrt(var + eps))
+    ctx.eps = eps
+    ctx.mark_non_differentiable(mean, var)
+
+
 class _ChannelsLastNorm(torch.autograd.Function):
     r"""Instance normalization with a per-sample, per-channel affine map, for channels_last input.
 
@@ -107,17 +122,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
                 o_chunk.copy_(torch.addcmul(b_u, x_chunk.to(a.dtype), a_u))
         return out, mean, var
 
-    @staticmethod
-    def setup_context(
-        ctx: Any,
-        inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
-        output: tuple[Tensor, Tensor, Tensor],
-    ) -> None:
-        x, scale, shift, eps = inputs
-        _, mean, var = output
-        ctx.save_for_backward(x, scale, shift, mean, torch.rsqrt(var + eps))
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
+    setup_context = staticmethod(_save_normalization_context)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -346,17 +351,7 @@ class _BatchNormTrain(torch.autograd.Function):
         out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
         return out, mean, var
 
-    @staticmethod
-    def setup_context(
-        ctx: Any,
-        inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
-        output: tuple[Tensor, Tensor, Tensor],
-    ) -> None:
-        x, weight, bias, eps = inputs
-        _, mean, var = output
-        ctx.save_for_backward(x, weight, bias, mean, torch.rsqrt(var + eps))
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
+    setup_context = staticmethod(_save_normalization_context)
 
     @staticmethod
     def backward(  # type: ignore[override]
