@@ -181,14 +181,20 @@ def _channels_last_norm_double_backward(
     if shift is not None:
         y = y + shift.reshape(view)
     y = y.to(x.dtype)  # as the forward: computed in the statistics' dtype, returned in x's
-    inputs = (x, scale, shift)
-    wanted = [
-        t
-        for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True)
-        if need and t is not None
+    return _grads_by_recomputation(ctx, grad, y, (x, scale, shift))
+
+
+def _grads_by_recomputation(
+    ctx: Any, grad: Tensor, y: Tensor, inputs: tuple[Tensor, Tensor | None, Tensor | None]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    """Double backward of the normalization Functions: the vector-Jacobian product of ``y``,
+    recomputed from ``inputs`` with differentiable ops, for the inputs that need a gradient."""
+    needs = [
+        need and t is not None for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True)
     ]
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
     found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
-    out = [next(found) if need else None for need in ctx.needs_input_grad[:3]]
+    out = [next(found) if need else None for need in needs]
     return out[0], out[1], out[2], None
 
 
@@ -358,17 +364,10 @@ class _BatchNormTrain(torch.autograd.Function):
         ctx: Any, grad: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
-            inputs = (x, weight, bias)
-            wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
             y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
-            found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
-            grads = [
-                next(found) if need and t is not None else None
-                for t, need in zip(inputs, needs, strict=True)
-            ]
-            return grads[0], grads[1], grads[2], None
+            return _grads_by_recomputation(ctx, grad, y, (x, weight, bias))
+        needs = ctx.needs_input_grad[:3]
         mask = [
             bool(needs[0]),
             bool(needs[1] and weight is not None),

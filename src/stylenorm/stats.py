@@ -146,6 +146,15 @@ def _position_blocks(positions: Tensor) -> int:
     return max(1, (1 << 18) // max(1, positions.shape[0] * positions.shape[2]))
 
 
+def _block_moments(chunk: Tensor) -> tuple[Tensor, Tensor]:
+    """Two-pass mean and centred sum of squares over dim 1 of one cache-sized block, in the
+    compute dtype; dim 1 is dropped from both."""
+    values = chunk.to(compute_dtype(chunk.dtype))
+    mean = values.mean(1, keepdim=True)
+    # square_ + sum on the temporary: torch.linalg.vecdot is many times slower on CPU here.
+    return mean.squeeze(1), (values - mean).square_().sum(1)
+
+
 def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     """Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
     compute dtype (float32 for half inputs).
@@ -160,18 +169,12 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     """
     acc = compute_dtype(positions.dtype)
     m = positions.shape[1]
-    means: list[Tensor] = []
-    sums_sq: list[Tensor] = []
-    for chunk in torch.split(positions, _position_blocks(positions), 1):
-        values = chunk.to(acc)
-        block_mean = values.mean(1, keepdim=True)
-        centered = values - block_mean
-        means.append(block_mean.squeeze(1))
-        # square_ + sum on the temporary: torch.linalg.vecdot is many times slower on CPU here.
-        sums_sq.append(centered.square_().sum(1))
+    block = _position_blocks(positions)
+    means, sums_sq = zip(
+        *(_block_moments(chunk) for chunk in torch.split(positions, block, 1)), strict=True
+    )
     if len(means) == 1:
         return means[0], sums_sq[0] / m
-    block = _position_blocks(positions)
     counts = torch.full((len(means), 1, 1), float(block), dtype=acc, device=positions.device)
     counts[-1] = m - block * (len(means) - 1)
     block_means = torch.stack(means)  # (B, N, C)
@@ -187,13 +190,9 @@ def _rows_mean_var(rows: Tensor) -> tuple[Tensor, Tensor]:
     cache-sized blocks of rows so the centred temporary never costs a full-size allocation.
     """
     per_block = max(1, (1 << 18) // max(1, rows.shape[1]))
-    means: list[Tensor] = []
-    sums_sq: list[Tensor] = []
-    for chunk in torch.split(rows, per_block, 0):
-        mean = chunk.mean(1, keepdim=True)
-        centered = chunk - mean
-        means.append(mean.squeeze(1))
-        sums_sq.append(centered.square_().sum(1))
+    means, sums_sq = zip(
+        *(_block_moments(chunk) for chunk in torch.split(rows, per_block, 0)), strict=True
+    )
     return torch.cat(means), torch.cat(sums_sq) / rows.shape[1]
 
 
