@@ -115,11 +115,14 @@ class _ChannelsLastNorm(torch.autograd.Function):
             # are slow on CPU, and a full-size float32 temporary costs fresh pages).
             positions, out_positions = stats._positions(x), stats._positions(out)
             block = stats._position_blocks(positions)
+            x_chunks = torch.split(positions, block, 1)
+            work = stats._block_workspace(x_chunks)  # reused: no fresh pages per block
             a_u, b_u = a.unsqueeze(1), b.unsqueeze(1)
             for x_chunk, o_chunk in zip(
-                torch.split(positions, block, 1), torch.split(out_positions, block, 1), strict=True
+                x_chunks, torch.split(out_positions, block, 1), strict=True
             ):
-                o_chunk.copy_(torch.addcmul(b_u, x_chunk.to(a.dtype), a_u))
+                values = work[:, : x_chunk.shape[1]].copy_(x_chunk)
+                o_chunk.copy_(values.mul_(a_u).add_(b_u))
         return out, mean, var
 
     setup_context = staticmethod(_save_normalization_context)
@@ -137,14 +140,17 @@ class _ChannelsLastNorm(torch.autograd.Function):
         grads = stats._positions(grad.contiguous(memory_format=stats._memory_format(x)))
         mean_u = mean.unsqueeze(1)
         block = stats._position_blocks(positions)
+        x_chunks, g_chunks = torch.split(positions, block, 1), torch.split(grads, block, 1)
+        work = stats._block_workspace(x_chunks)  # one buffer for every block's temporaries
+        g_work = stats._block_workspace(g_chunks) if grads.dtype != acc else None
         sum_g = torch.zeros_like(mean)
         sum_gd = torch.zeros_like(mean)  # sum over positions of g * (x - mean)
-        for g_chunk, x_chunk in zip(
-            torch.split(grads, block, 1), torch.split(positions, block, 1), strict=True
-        ):
-            g_values = g_chunk.to(acc)
-            sum_g += g_values.sum(1)
-            sum_gd += (x_chunk.to(acc) - mean_u).mul_(g_values).sum(1)
+        for g_chunk, x_chunk in zip(g_chunks, x_chunks, strict=True):
+            if g_work is not None:  # half: upcast once into a buffer
+                g_chunk = g_work[:, : g_chunk.shape[1]].copy_(g_chunk)
+            sum_g += g_chunk.sum(1)
+            centred = stats._centred_into(x_chunk, mean_u, work[:, : x_chunk.shape[1]])
+            sum_gd += centred.mul_(g_chunk).sum(1)
         grad_x = None
         if ctx.needs_input_grad[0]:
             a = rstd if scale is None else rstd * scale
@@ -154,17 +160,16 @@ class _ChannelsLastNorm(torch.autograd.Function):
             grad_x = torch.empty_like(x)
             out = stats._positions(grad_x)
             for g_chunk, x_chunk, o_chunk in zip(
-                torch.split(grads, block, 1),
-                torch.split(positions, block, 1),
-                torch.split(out, block, 1),
-                strict=True,
+                g_chunks, x_chunks, torch.split(out, block, 1), strict=True
             ):
-                term = x_chunk.to(acc) - mean_u  # centred first: exact at a large mean
+                # centred first: exact at a large mean
+                term = stats._centred_into(x_chunk, mean_u, work[:, : x_chunk.shape[1]])
                 torch.addcmul(const, term, coef, out=term)
-                if o_chunk.dtype == acc:
+                if g_work is None:
                     torch.addcmul(term, g_chunk, a_u, out=o_chunk)
                 else:  # half: computed in float32, rounded once
-                    o_chunk.copy_(term.addcmul_(g_chunk.to(acc), a_u))
+                    g_values = g_work[:, : g_chunk.shape[1]].copy_(g_chunk)
+                    o_chunk.copy_(term.addcmul_(g_values, a_u))
         grad_scale = rstd * sum_gd if scale is not None and ctx.needs_input_grad[1] else None
         grad_shift = sum_g if shift is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_scale, grad_shift, None

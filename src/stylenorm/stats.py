@@ -146,13 +146,32 @@ def _position_blocks(positions: Tensor) -> int:
     return max(1, (1 << 18) // max(1, positions.shape[0] * positions.shape[2]))
 
 
-def _block_moments(chunk: Tensor) -> tuple[Tensor, Tensor]:
+def _centred_into(chunk: Tensor, mean: Tensor, work: Tensor) -> Tensor:
+    """``chunk - mean`` written into ``work`` (same shape, compute dtype) and returned.
+
+    Blockwise loops reuse one ``work`` buffer from block to block: a fresh temporary per block
+    is a fresh allocation, whose page faults (glibc hands blocks of this size back to the system
+    or not, depending on what was freed before) can cost more than the arithmetic.
+    """
+    if chunk.dtype == work.dtype:
+        return torch.sub(chunk, mean, out=work)
+    # Half: upcast into the buffer (mixed-dtype elementwise kernels are slow on CPU).
+    return work.copy_(chunk).sub_(mean)
+
+
+def _block_workspace(blocks: tuple[Tensor, ...]) -> Tensor:
+    """One buffer of the first (largest) block's shape in the compute dtype, for
+    :func:`_centred_into`; the last, smaller block narrows it."""
+    first = blocks[0]
+    return torch.empty(first.shape, dtype=compute_dtype(first.dtype), device=first.device)
+
+
+def _block_moments(chunk: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
     """Two-pass mean and centred sum of squares over dim 1 of one cache-sized block, in the
-    compute dtype; dim 1 is dropped from both."""
-    values = chunk.to(compute_dtype(chunk.dtype))
-    mean = values.mean(1, keepdim=True)
-    # square_ + sum on the temporary: torch.linalg.vecdot is many times slower on CPU here.
-    return mean.squeeze(1), (values - mean).square_().sum(1)
+    compute dtype of ``work`` (a reused buffer of the block's shape); dim 1 is dropped."""
+    mean = chunk.mean(1, keepdim=True, dtype=work.dtype)
+    # square_ + sum on the buffer: torch.linalg.vecdot is many times slower on CPU here.
+    return mean.squeeze(1), _centred_into(chunk, mean, work).square_().sum(1)
 
 
 def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,8 +189,10 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     acc = compute_dtype(positions.dtype)
     m = positions.shape[1]
     block = _position_blocks(positions)
+    chunks = torch.split(positions, block, 1)
+    work = _block_workspace(chunks)
     means, sums_sq = zip(
-        *(_block_moments(chunk) for chunk in torch.split(positions, block, 1)), strict=True
+        *(_block_moments(chunk, work[:, : chunk.shape[1]]) for chunk in chunks), strict=True
     )
     if len(means) == 1:
         return means[0], sums_sq[0] / m
@@ -190,8 +211,10 @@ def _rows_mean_var(rows: Tensor) -> tuple[Tensor, Tensor]:
     cache-sized blocks of rows so the centred temporary never costs a full-size allocation.
     """
     per_block = max(1, (1 << 18) // max(1, rows.shape[1]))
+    chunks = torch.split(rows, per_block, 0)
+    work = _block_workspace(chunks)
     means, sums_sq = zip(
-        *(_block_moments(chunk) for chunk in torch.split(rows, per_block, 0)), strict=True
+        *(_block_moments(chunk, work[: chunk.shape[0]]) for chunk in chunks), strict=True
     )
     return torch.cat(means), torch.cat(sums_sq) / rows.shape[1]
 
