@@ -15,13 +15,19 @@ formula. ``--memory`` measures the peak memory of one forward+backward of each s
 process (on CPU the growth of the peak RSS after a warm-up, Linux only; ``max_memory_allocated``
 on CUDA).
 
-Times are steady-state: every case is warmed up first, so fresh-allocation page faults of the
-first call are not counted. Figures assume the default allocator and torch's default thread count.
+Times are steady-state: every case is warmed up first, and with glibc (``--allocator steady``,
+the default) the process keeps freed memory instead of handing it back to the system
+(``mallopt``: trimming off, mmap threshold at its 32 MiB maximum), as a caching allocator does.
+With glibc's dynamic defaults (``--allocator default``) a freed block of a few MiB is returned
+to the system or kept depending on what was freed before, so a timed loop pays a page fault per
+4 KiB of every output, or none, from one run to the next: either side's time then swings up to
+4x between runs of the same code. Figures use torch's default thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -193,6 +199,24 @@ OPS = [
 
 
 # ---------------------------------------------------------------- timing
+# glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64 bits.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def steady_allocator() -> str:
+    """Make glibc keep freed memory for reuse (no trimming, blocks up to 32 MiB from the heap),
+    so timed loops measure the kernels and not page faults; returns a description for the
+    table's title. Tensors above 32 MiB are still mmapped and faulted in on every allocation."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "default allocator"
+    libc = ctypes.CDLL("libc.so.6")
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and libc.mallopt(
+        _M_TRIM_THRESHOLD, -1
+    )
+    return "glibc no-trim, mmap threshold 32 MiB" if ok else "default allocator"
+
+
 def _output_grad(out: Tensor, cache: dict[str, Tensor]) -> Tensor | None:
     """The gradient fed to ``out``'s backward: ones in ``out``'s own dtype and layout, what the
     next layer of a network delivers (a channels_last output gets a channels_last gradient);
@@ -324,6 +348,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--memory", action="store_true", help="measure peak fwd+bwd memory")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--allocator",
+        choices=("steady", "default"),
+        default="steady",
+        help="steady: glibc keeps freed memory (no page faults in timed loops); default: as is",
+    )
     parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._measure:
@@ -343,9 +373,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
 
+    allocator = steady_allocator() if args.allocator == "steady" else "default allocator"
     title = (
         f"stylenorm benchmarks, {datetime.date.today()}, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
+        f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
+        f"{allocator}"
     )
     if "cuda" in devices and torch.cuda.is_available():
         title += f", {torch.cuda.get_device_name()}"

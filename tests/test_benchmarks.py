@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +23,9 @@ def test_quick_run_covers_every_op(
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
-    rows = module.main(["--quick", "--layouts", "contiguous,channels_last"])
+    # The default allocator: the steady one would change malloc settings of the test process.
+    args = ["--quick", "--layouts", "contiguous,channels_last", "--allocator", "default"]
+    rows = module.main(args)
     ops = {row["op"] for row in rows}
     assert ops == set(module.OPS)
     # every op: 2 layouts x 2 dtypes x (fwd, fwd+bwd)
@@ -31,6 +35,18 @@ def test_quick_run_covers_every_op(
         assert math.isclose(row["ratio"], row["baseline_ms"] / row["ours_ms"], rel_tol=1e-9)
     out = capsys.readouterr().out
     assert "| ratio |" in out and "torch.nn.InstanceNorm2d" in out
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt"
+)
+def test_steady_allocator_is_set_and_named(tmp_path: Path) -> None:
+    # In its own process: the suite's default switches glibc's trimming off for the timed loops.
+    out = tmp_path / "steady.json"
+    args = ["--quick", "--ops", "mean_std", "--layouts", "contiguous", "--dtypes", "float32"]
+    subprocess.run([sys.executable, str(SUITE), *args, "--json", str(out)], check=True)
+    header = json.loads(out.read_text())["header"]
+    assert header.endswith("glibc no-trim, mmap threshold 32 MiB")
 
 
 def _load(name: str, path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
@@ -46,7 +62,7 @@ def test_report_of_a_quick_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     suite = _load("stylenorm_benchmarks_run", SUITE, monkeypatch)
     report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
     out = tmp_path / "quick.json"
-    rows = suite.main(["--quick", "--json", str(out)])
+    rows = suite.main(["--quick", "--json", str(out), "--allocator", "default"])
     text = report.report([str(out)])
     assert text.startswith("stylenorm benchmarks, ")
     # one full-table line per (op, layout, dtype) case, both passes on it
