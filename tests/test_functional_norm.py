@@ -320,14 +320,25 @@ def test_channels_last_instance_norm_in_several_blocks(dtype: torch.dtype, grad_
     torch.testing.assert_close(bias.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-3)
 
 
-def test_batch_norm_fast_path_is_taken_where_expected():
+def test_batch_norm_fast_path_is_taken_where_expected(kernels: str):
     # The contiguous float CPU training path (stylenorm's statistics, torch's backward) must be
-    # what the reference and gradcheck tests above exercise; everything else is torch's kernel.
+    # what the reference and gradcheck tests exercise with kernels="own" (every size), and only
+    # large inputs with enough positions take it as shipped; everything else is torch's kernel.
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     c = torch.zeros(3, dtype=torch.float64)
-    assert functional._batch_norm_fast_path(x, None, None, None, None)
-    assert functional._batch_norm_fast_path(x, c, c + 1, c + 1, c)
-    assert functional._batch_norm_fast_path(x[:, :, :1, :1].contiguous(), None, None, None, None)
+    own = kernels == "own"
+    assert functional._batch_norm_fast_path(x, None, None, None, None) == own
+    assert functional._batch_norm_fast_path(x, c, c + 1, c + 1, c) == own
+    assert (
+        functional._batch_norm_fast_path(x[:, :, :1, :1].contiguous(), None, None, None, None)
+        == own
+    )
+    large = torch.empty(8, 64, 32, 32)  # 2^19 values, 1024 positions
+    assert functional._batch_norm_fast_path(large, None, None, None, None)
+    half_as_large = torch.empty(4, 64, 32, 32)
+    assert functional._batch_norm_fast_path(half_as_large, None, None, None, None) == own
+    short_rows = torch.empty(64, 512, 4, 4)  # 2^19 values in rows of 16 positions
+    assert functional._batch_norm_fast_path(short_rows, None, None, None, None) == own
     assert not functional._batch_norm_fast_path(x[:1, :, :1, :1], None, None, None, None)
     assert not functional._batch_norm_fast_path(
         x.contiguous(memory_format=torch.channels_last), None, None, None, None

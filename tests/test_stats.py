@@ -295,3 +295,18 @@ def test_channels_last_blocks_merge_exactly(layout: str, dtype: torch.dtype):
         np.testing.assert_allclose(_np(mean), ref_mean, rtol=tol)
         np.testing.assert_allclose(_np(var), ref_var, rtol=1e3 * tol)
         assert mean.dtype == stats.compute_dtype(dtype)
+
+
+def test_blockwise_channels_last_only_where_it_pays(kernels: str):
+    # As shipped, small or narrow channels_last inputs are reduced contiguous (torch's fused
+    # kernel is faster there); kernels="own" sends every channels_last input blockwise.
+    own = kernels == "own"
+    cl = torch.channels_last
+
+    def blockwise(*shape: int) -> bool:
+        return stats._blockwise_channels_last(torch.empty(shape).contiguous(memory_format=cl))
+
+    assert blockwise(8, 64, 32, 32)  # 2^19 values, 64 channels
+    assert blockwise(2, 8, 4, 4) == own
+    assert blockwise(2, 8, 256, 256) == own  # narrow rows of 8 channels
+    assert not stats._blockwise_channels_last(torch.empty(8, 64, 32, 32))  # contiguous

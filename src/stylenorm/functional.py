@@ -302,9 +302,7 @@ def instance_norm(
             input, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
     tracking = running_mean is not None or running_var is not None
-    if stats._memory_format(input) != torch.contiguous_format and _kernel_dtypes_match(
-        input, weight, bias
-    ):
+    if stats._blockwise_channels_last(input) and _kernel_dtypes_match(input, weight, bias):
         # channels_last: statistics on the channels-last view of the same memory and one fused
         # scale-and-shift pass, no transposing copy; the output keeps channels_last (torch's
         # copies to contiguous). torch's channels_last group-norm kernel is not used: it computes
@@ -327,7 +325,9 @@ def instance_norm(
         _update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum)
     # One group per channel is instance norm; the group-norm kernel is a single fused pass with
     # correct gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient).
-    return F.group_norm(input.contiguous(), c, weight, bias, eps)
+    # A (small) channels_last input is normalized contiguous and keeps its layout.
+    out = F.group_norm(input.contiguous(), c, weight, bias, eps)
+    return out.contiguous(memory_format=stats._memory_format(input))
 
 
 def _kernel_dtypes_match(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -384,6 +384,13 @@ class _BatchNormTrain(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+# Below these sizes torch's training kernel is faster than the fast path's fixed cost (a custom
+# autograd Function and a few dozen small ops) or than its reduction of short rows; measured on
+# CPU with benchmarks/run.py's kernels.
+_BATCH_NORM_FAST_PATH_MIN_NUMEL = 1 << 19
+_BATCH_NORM_FAST_PATH_MIN_POSITIONS = 64
+
+
 def _batch_norm_fast_path(
     input: Tensor,
     running_mean: Tensor | None,
@@ -392,15 +399,15 @@ def _batch_norm_fast_path(
     bias: Tensor | None,
 ) -> bool:
     """Whether training batch norm can take :class:`_BatchNormTrain`: a contiguous float32 or
-    float64 CPU input with spatial dims, more than one value per channel, and (C,) vectors of
+    float64 CPU input with spatial dims, large enough to gain (sizes above), and (C,) vectors of
     its dtype. Anything else goes to torch's function, with its checks and errors."""
     if (
         input.device.type != "cpu"
         or input.dtype not in (torch.float32, torch.float64)
         or input.dim() < 3
         or not input.is_contiguous()
-        or input.numel() == 0
-        or input.numel() // input.shape[1] < 2
+        or input.numel() < max(2 * input.shape[1], _BATCH_NORM_FAST_PATH_MIN_NUMEL, 1)
+        or stats._num_positions(input) < _BATCH_NORM_FAST_PATH_MIN_POSITIONS
         or stats._is_compiling()
         or stats._is_vmapped(input)
     ):
@@ -522,32 +529,35 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     layout = stats._memory_format(x)
     # The group-norm kernel refuses one value per group; the statistics path gives y = shift.
     single_position = all(size == 1 for size in x.shape[2:])
-    shared = (scale is None or scale.dim() == 1 or n == 1) and (
-        shift is None or shift.dim() == 1 or n == 1
-    )
-    # Fused group-norm passes for contiguous input only: torch's channels_last CPU group-norm
-    # kernel computes the variance as E[x^2] - E[x]^2, which cancels on features with a large
-    # mean. channels_last takes the statistics path below and keeps its layout.
-    if shared and not single_position and layout == torch.contiguous_format:
-        # One group per channel is instance norm.
-        weight = None if scale is None else scale.reshape(c)
-        bias = None if shift is None else shift.reshape(c)
-        return F.group_norm(x, c, weight, bias, eps)
-    if layout == torch.contiguous_format and not single_position:
-        # (N, C, *spatial) viewed as (1, N*C, *spatial): per-(n, c) weights become per-group ones.
-        flat = x.reshape((1, n * c, *x.shape[2:]))
-        weight = None if scale is None else scale.expand(n, c).reshape(n * c)
-        bias = None if shift is None else shift.expand(n, c).reshape(n * c)
-        return F.group_norm(flat, n * c, weight, bias, eps).reshape(x.shape)
-    if not single_position:
-        # channels_last: stable statistics and one scale-and-shift pass on the channels-last
-        # view, with a closed-form backward; the output keeps channels_last.
+    if layout != torch.contiguous_format and not single_position:
+        if not stats._blockwise_channels_last(x):  # small: contiguous kernels, same layout out
+            return _cin_normalize(x.contiguous(), scale, shift, eps).contiguous(
+                memory_format=layout
+            )
+        # Stable statistics and one scale-and-shift pass on the channels-last view, with a
+        # closed-form backward; the output keeps channels_last. (torch's channels_last CPU
+        # group-norm kernel computes the variance as E[x^2] - E[x]^2, which cancels on features
+        # with a large mean.)
         acc = stats.compute_dtype(x.dtype)
         full_scale = None if scale is None else scale.to(acc).expand(n, c)
         full_shift = None if shift is None else shift.to(acc).expand(n, c)
         out, _, _ = _ChannelsLastNorm.apply(x, full_scale, full_shift, eps)  # type: ignore[no-untyped-call]
         result: Tensor = out
         return result
+    shared = (scale is None or scale.dim() == 1 or n == 1) and (
+        shift is None or shift.dim() == 1 or n == 1
+    )
+    if shared and not single_position:
+        # One group per channel is instance norm.
+        weight = None if scale is None else scale.reshape(c)
+        bias = None if shift is None else shift.reshape(c)
+        return F.group_norm(x, c, weight, bias, eps)
+    if not single_position:
+        # (N, C, *spatial) viewed as (1, N*C, *spatial): per-(n, c) weights become per-group ones.
+        flat = x.reshape((1, n * c, *x.shape[2:]))
+        weight = None if scale is None else scale.expand(n, c).reshape(n * c)
+        bias = None if shift is None else shift.expand(n, c).reshape(n * c)
+        return F.group_norm(flat, n * c, weight, bias, eps).reshape(x.shape)
     # A single position: the statistics path (y = shift).
     mean, var = stats._mean_var(x, 0.0, None)
     a = torch.rsqrt(var + eps)
@@ -1040,12 +1050,7 @@ def adain(
     n, c, rank = content.shape[0], content.shape[1], content.dim()
     per_channel = mean_s.shape[2:] == std_s.shape[2:] == (1,) * (rank - 2)
     shared = mean_s.shape[0] == std_s.shape[0] == 1 and not isinstance(alpha_value, Tensor)
-    fused = (
-        cmask is None
-        and per_channel
-        and corr == 0
-        and (shared or stats._memory_format(content) == torch.contiguous_format)
-    )
+    fused = cmask is None and per_channel and corr == 0
     if fused:
         # alpha * y + (1 - alpha) x with y an instance norm scaled by std_s and shifted by mean_s.
         scale = (alpha_value * std_s).reshape(-1, c)

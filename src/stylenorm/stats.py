@@ -136,6 +136,23 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+# Below these sizes the blockwise channels-last code (a few dozen small torch ops of fixed cost,
+# and strided reductions that vectorize over the channels) loses to one contiguous copy and
+# torch's fused contiguous kernel; measured with benchmarks/run.py's kernels on CPU.
+_BLOCKWISE_MIN_NUMEL = 1 << 18
+_BLOCKWISE_MIN_CHANNELS = 16
+
+
+def _blockwise_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is channels_last and large enough, in elements and in channels, for the
+    blockwise (N, M, C) code; smaller channels_last inputs are normalized contiguous."""
+    return (
+        _memory_format(x) != torch.contiguous_format
+        and x.shape[1] >= _BLOCKWISE_MIN_CHANNELS
+        and x.numel() >= _BLOCKWISE_MIN_NUMEL
+    )
+
+
 def _positions(x: Tensor) -> Tensor:
     """The ``(N, M, C)`` view of a channels_last ``(N, C, *spatial)`` tensor (a copy otherwise)."""
     return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
@@ -254,7 +271,7 @@ class _MeanVar(torch.autograd.Function):
     def forward(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
         m = _num_positions(x)
-        if _memory_format(x) != torch.contiguous_format:
+        if _blockwise_channels_last(x):
             # channels_last: torch's channels_last group-norm kernel computes the variance as
             # E[x^2] - E[x]^2, which cancels on features with a large mean, and a contiguous copy
             # costs a slow transposing pass. The (N, M, C) view of the same memory reduces well

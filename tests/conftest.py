@@ -1,0 +1,50 @@
+"""Shared fixtures.
+
+stylenorm picks its own kernels (blockwise channels-last statistics, the batch-norm fast path)
+only above a size where they beat torch's; below it, torch's kernels run. Test inputs are small,
+so every test of the normalization and statistics modules runs twice: with the size thresholds
+as shipped (small inputs take torch's kernels) and with them at zero (every input takes
+stylenorm's own kernels, as a large one would).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from stylenorm import functional, stats
+
+# Test modules whose inputs go through the size dispatch.
+_DISPATCHED_MODULES = {
+    "test_functional_adain",
+    "test_functional_cin",
+    "test_functional_losses",
+    "test_functional_norm",
+    "test_losses",
+    "test_norm",
+    "test_stats",
+    "test_style",
+}
+
+_THRESHOLDS = (
+    (stats, "_BLOCKWISE_MIN_NUMEL"),
+    (stats, "_BLOCKWISE_MIN_CHANNELS"),
+    (functional, "_BATCH_NORM_FAST_PATH_MIN_NUMEL"),
+    (functional, "_BATCH_NORM_FAST_PATH_MIN_POSITIONS"),
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in _DISPATCHED_MODULES:
+        metafunc.fixturenames.append("kernels")
+        metafunc.parametrize("kernels", ["by-size", "own"], indirect=True)
+
+
+@pytest.fixture
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """``"by-size"``: thresholds as shipped; ``"own"``: stylenorm's kernels at every size."""
+    if request.param == "own":
+        for module, name in _THRESHOLDS:
+            monkeypatch.setattr(module, name, 0)
+    yield request.param
