@@ -210,11 +210,13 @@ def steady_allocator() -> str:
     table's title. Tensors above 32 MiB are still mmapped and faulted in on every allocation."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "default allocator"
-    libc = ctypes.CDLL("libc.so.6")
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and libc.mallopt(
-        _M_TRIM_THRESHOLD, -1
-    )
-    return "glibc no-trim, mmap threshold 32 MiB" if ok else "default allocator"
+    mallopt = ctypes.CDLL("libc.so.6").mallopt  # int mallopt(int param, int value)
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    trim_off = mallopt(_M_TRIM_THRESHOLD, -1) == 1  # -1: never trim
+    if mmap_set and trim_off:
+        return "glibc no-trim, mmap threshold 32 MiB"
+    return f"glibc, mallopt refused: mmap threshold set {mmap_set}, trimming off {trim_off}"
 
 
 def _output_grad(out: Tensor, cache: dict[str, Tensor]) -> Tensor | None:

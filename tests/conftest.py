@@ -37,7 +37,8 @@ _THRESHOLDS = (
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.module.__name__.rsplit(".", 1)[-1] in _DISPATCHED_MODULES:
-        metafunc.fixturenames.append("kernels")
+        if "kernels" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("kernels")
         metafunc.parametrize("kernels", ["by-size", "own"], indirect=True)
 
 

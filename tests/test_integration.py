@@ -741,6 +741,60 @@ def test_vmap_over_a_strided_dimension_and_of_grad():
     _close(per_sample, torch.stack([torch.func.grad(spread)(x) for x in xs]))
 
 
+def _large_channels_last(seed: int, *batch: int) -> Tensor:
+    """Big enough for the blockwise channels_last code as shipped (2^18 values, 16 channels),
+    with 289 positions in blocks of 256: the last block is short."""
+    gen = torch.Generator().manual_seed(seed)
+    x = 3.0 + torch.randn(*batch, 2, 512, 17, 17, generator=gen)
+    return x if batch else x.contiguous(memory_format=torch.channels_last)
+
+
+def test_vmap_over_parameters_with_large_channels_last_input():
+    """vmap over the style or the affine parameters of a large channels_last (unbatched) input:
+    the blockwise Function has no vmap rule, so these take the contiguous kernels; each equals
+    a loop."""
+    x = _large_channels_last(1)
+    assert stats._blockwise_channels_last(x)
+    styles = _large_channels_last(2, 3)
+    adain = stylenorm.AdaIN()
+    _close(
+        torch.func.vmap(lambda s: adain(x, s))(styles),
+        torch.stack([adain(x, s) for s in styles]),
+    )
+    weights = torch.rand(3, 512) + 0.5
+
+    def normalize(w: Tensor) -> Tensor:
+        return stylenorm.functional.instance_norm(x, weight=w, bias=-w)
+
+    _close(torch.func.vmap(normalize)(weights), torch.stack([normalize(w) for w in weights]))
+
+
+def test_compile_large_channels_last(compiler):
+    """Statistics and instance norm of a channels_last input that eager mode reduces blockwise
+    (uneven blocks) compile to one graph and give the eager values and gradients."""
+    x = _large_channels_last(3)
+    assert stats._blockwise_channels_last(x)
+
+    class NormAndStats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = stylenorm.InstanceNorm2d(512, affine=True)
+
+        def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+            return self.norm(t), torch.stack(stats.mean_std(t))
+
+    model = NormAndStats()
+    compiled, _ = compiler(model)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager_out, compiled_out = model(xe), compiled(xc)
+    for e, c in zip(eager_out, compiled_out, strict=True):
+        _close(c, e)
+    _backward(eager_out)
+    _backward(compiled_out)
+    assert xe.grad is not None and xc.grad is not None
+    _close(xc.grad, xe.grad)
+
+
 def test_grad_transform_of_losses():
     """torch.func.grad of every loss w.r.t. its input equals autograd's gradient."""
     model = LossModel()

@@ -64,6 +64,14 @@ def _update_running_stats(
         buffer.copy_(updated)
 
 
+def _in_layout(t: Tensor, layout: torch.memory_format) -> Tensor:
+    """``t`` in the memory format of the input it was computed from (under vmap, which hides
+    layouts, as it is)."""
+    if layout == torch.contiguous_format or stats._is_vmapped(t):
+        return t
+    return t.contiguous(memory_format=layout)
+
+
 def _save_normalization_context(
     ctx: Any,
     inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
@@ -121,7 +129,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
             for x_chunk, o_chunk in zip(
                 x_chunks, torch.split(out_positions, block, 1), strict=True
             ):
-                values = work[:, : x_chunk.shape[1]].copy_(x_chunk)
+                values = stats._workspace_for(work, x_chunk).copy_(x_chunk)
                 o_chunk.copy_(values.mul_(a_u).add_(b_u))
         return out, mean, var
 
@@ -147,9 +155,9 @@ class _ChannelsLastNorm(torch.autograd.Function):
         sum_gd = torch.zeros_like(mean)  # sum over positions of g * (x - mean)
         for g_chunk, x_chunk in zip(g_chunks, x_chunks, strict=True):
             if g_work is not None:  # half: upcast once into a buffer
-                g_chunk = g_work[:, : g_chunk.shape[1]].copy_(g_chunk)
+                g_chunk = stats._workspace_for(g_work, g_chunk).copy_(g_chunk)
             sum_g += g_chunk.sum(1)
-            centred = stats._centred_into(x_chunk, mean_u, work[:, : x_chunk.shape[1]])
+            centred = stats._centred_into(x_chunk, mean_u, stats._workspace_for(work, x_chunk))
             sum_gd += centred.mul_(g_chunk).sum(1)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -163,12 +171,12 @@ class _ChannelsLastNorm(torch.autograd.Function):
                 g_chunks, x_chunks, torch.split(out, block, 1), strict=True
             ):
                 # centred first: exact at a large mean
-                term = stats._centred_into(x_chunk, mean_u, work[:, : x_chunk.shape[1]])
+                term = stats._centred_into(x_chunk, mean_u, stats._workspace_for(work, x_chunk))
                 torch.addcmul(const, term, coef, out=term)
                 if g_work is None:
                     torch.addcmul(term, g_chunk, a_u, out=o_chunk)
                 else:  # half: computed in float32, rounded once
-                    g_values = g_work[:, : g_chunk.shape[1]].copy_(g_chunk)
+                    g_values = stats._workspace_for(g_work, g_chunk).copy_(g_chunk)
                     o_chunk.copy_(term.addcmul_(g_values, a_u))
         grad_scale = rstd * sum_gd if scale is not None and ctx.needs_input_grad[1] else None
         grad_shift = sum_g if shift is not None and ctx.needs_input_grad[2] else None
@@ -302,7 +310,9 @@ def instance_norm(
             input, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
     tracking = running_mean is not None or running_var is not None
-    if stats._blockwise_channels_last(input) and _kernel_dtypes_match(input, weight, bias):
+    if stats._blockwise_channels_last(input, weight, bias) and _kernel_dtypes_match(
+        input, weight, bias
+    ):
         # channels_last: statistics on the channels-last view of the same memory and one fused
         # scale-and-shift pass, no transposing copy; the output keeps channels_last (torch's
         # copies to contiguous). torch's channels_last group-norm kernel is not used: it computes
@@ -327,7 +337,7 @@ def instance_norm(
     # correct gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient).
     # A (small) channels_last input is normalized contiguous and keeps its layout.
     out = F.group_norm(input.contiguous(), c, weight, bias, eps)
-    return out.contiguous(memory_format=stats._memory_format(input))
+    return _in_layout(out, stats._memory_format(input))
 
 
 def _kernel_dtypes_match(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -530,10 +540,8 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     # The group-norm kernel refuses one value per group; the statistics path gives y = shift.
     single_position = all(size == 1 for size in x.shape[2:])
     if layout != torch.contiguous_format and not single_position:
-        if not stats._blockwise_channels_last(x):  # small: contiguous kernels, same layout out
-            return _cin_normalize(x.contiguous(), scale, shift, eps).contiguous(
-                memory_format=layout
-            )
+        if not stats._blockwise_channels_last(x, scale, shift):  # small: contiguous, same layout
+            return _in_layout(_cin_normalize(x.contiguous(), scale, shift, eps), layout)
         # Stable statistics and one scale-and-shift pass on the channels-last view, with a
         # closed-form backward; the output keeps channels_last. (torch's channels_last CPU
         # group-norm kernel computes the variance as E[x^2] - E[x]^2, which cancels on features
@@ -680,9 +688,9 @@ def conditional_instance_norm(
     Only the selected rows (rows with a non-zero mixing weight) receive a non-zero gradient. Ids
     are checked before anything is computed: an id outside ``[0, S)`` raises ``IndexError``.
 
-    Computed as one fused group-norm pass (the batch viewed as ``N*C`` groups), or one
-    statistics pass and one ``addcmul`` pass for channels_last input with per-sample styles;
-    channels_last input gives channels_last output.
+    Computed as one fused group-norm pass (the batch viewed as ``N*C`` groups); large
+    channels_last input takes one blockwise statistics pass and one scale-and-shift pass on its
+    own layout instead, and channels_last input gives channels_last output.
 
     Args:
         input: features ``(N, C, *spatial)``.

@@ -143,11 +143,17 @@ _BLOCKWISE_MIN_NUMEL = 1 << 18
 _BLOCKWISE_MIN_CHANNELS = 16
 
 
-def _blockwise_channels_last(x: Tensor) -> bool:
+def _blockwise_channels_last(x: Tensor, *others: Tensor | None) -> bool:
     """Whether ``x`` is channels_last and large enough, in elements and in channels, for the
-    blockwise (N, M, C) code; smaller channels_last inputs are normalized contiguous."""
+    blockwise (N, M, C) code; smaller channels_last inputs are normalized contiguous. ``others``
+    are the tensors computed with ``x`` (affine parameters): the blockwise autograd Function has
+    no vmap rule, so a vmapped one sends ``x`` the contiguous way too. Under torch.compile the
+    contiguous way is traced too: the compiler fuses it, and it has no ``out=`` into strided
+    views, which dynamo rejects."""
     return (
         _memory_format(x) != torch.contiguous_format
+        and not _is_compiling()
+        and not any(t is not None and _is_vmapped(t) for t in others)
         and x.shape[1] >= _BLOCKWISE_MIN_CHANNELS
         and x.numel() >= _BLOCKWISE_MIN_NUMEL
     )
@@ -177,18 +183,26 @@ def _centred_into(chunk: Tensor, mean: Tensor, work: Tensor) -> Tensor:
 
 
 def _block_workspace(blocks: tuple[Tensor, ...]) -> Tensor:
-    """One buffer of the first (largest) block's shape in the compute dtype, for
-    :func:`_centred_into`; the last, smaller block narrows it."""
+    """A flat buffer in the compute dtype as large as the first (largest) block, for
+    :func:`_centred_into`; :func:`_workspace_for` views it in each block's shape."""
     first = blocks[0]
-    return torch.empty(first.shape, dtype=compute_dtype(first.dtype), device=first.device)
+    return torch.empty(first.numel(), dtype=compute_dtype(first.dtype), device=first.device)
+
+
+def _workspace_for(work: Tensor, chunk: Tensor) -> Tensor:
+    """A contiguous view of the flat ``work`` buffer in ``chunk``'s shape (a strided narrowing
+    would make the last, shorter block's ``out=`` non-contiguous, which torch.compile rejects)."""
+    return work[: chunk.numel()].view(chunk.shape)
 
 
 def _block_moments(chunk: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
     """Two-pass mean and centred sum of squares over dim 1 of one cache-sized block, in the
-    compute dtype of ``work`` (a reused buffer of the block's shape); dim 1 is dropped."""
+    compute dtype of ``work`` (a reused flat buffer, :func:`_block_workspace`); dim 1 is
+    dropped."""
     mean = chunk.mean(1, keepdim=True, dtype=work.dtype)
+    centred = _centred_into(chunk, mean, _workspace_for(work, chunk))
     # square_ + sum on the buffer: torch.linalg.vecdot is many times slower on CPU here.
-    return mean.squeeze(1), _centred_into(chunk, mean, work).square_().sum(1)
+    return mean.squeeze(1), centred.square_().sum(1)
 
 
 def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -208,9 +222,7 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     block = _position_blocks(positions)
     chunks = torch.split(positions, block, 1)
     work = _block_workspace(chunks)
-    means, sums_sq = zip(
-        *(_block_moments(chunk, work[:, : chunk.shape[1]]) for chunk in chunks), strict=True
-    )
+    means, sums_sq = zip(*(_block_moments(chunk, work) for chunk in chunks), strict=True)
     if len(means) == 1:
         return means[0], sums_sq[0] / m
     counts = torch.full((len(means), 1, 1), float(block), dtype=acc, device=positions.device)
@@ -230,9 +242,7 @@ def _rows_mean_var(rows: Tensor) -> tuple[Tensor, Tensor]:
     per_block = max(1, (1 << 18) // max(1, rows.shape[1]))
     chunks = torch.split(rows, per_block, 0)
     work = _block_workspace(chunks)
-    means, sums_sq = zip(
-        *(_block_moments(chunk, work[: chunk.shape[0]]) for chunk in chunks), strict=True
-    )
+    means, sums_sq = zip(*(_block_moments(chunk, work) for chunk in chunks), strict=True)
     return torch.cat(means), torch.cat(sums_sq) / rows.shape[1]
 
 
@@ -279,7 +289,13 @@ class _MeanVar(torch.autograd.Function):
             # inputs are upcast block by block, not copied whole.
             mean, var = _positions_mean_var(_positions(x))
         else:
-            xs = x.to(compute_dtype(x.dtype)).contiguous()
+            acc = compute_dtype(x.dtype)
+            # One copy at most (Tensor.to ignores memory_format when it does not copy).
+            xs = (
+                x.contiguous()
+                if x.dtype == acc
+                else x.to(acc, memory_format=torch.contiguous_format)
+            )
             _, mean, rstd = torch.ops.aten.native_group_norm(xs, None, None, n, c, m, c, 0.0)
             mean = mean.reshape(n, c)
             # rstd = 1 / sqrt(var); a constant channel gives rstd = inf and var = 0 exactly.
