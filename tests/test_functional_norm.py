@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
-from stylenorm import functional, reference
+from stylenorm import functional, reference, stats
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -286,12 +286,21 @@ def test_inputs_not_modified(which: str, training: bool):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grad_layout", ["same", "contiguous"])
-def test_channels_last_instance_norm_in_several_blocks(dtype: torch.dtype, grad_layout: str):
+@pytest.mark.parametrize("shape", [(2, 2048, 15, 15), (1, 512, 24, 24)])
+def test_channels_last_instance_norm_in_several_blocks(
+    dtype: torch.dtype, grad_layout: str, shape: tuple[int, ...]
+):
     # Enough (sample, channel) pairs that the channels-last path works in several position
-    # blocks (the last one short). Forward and all gradients against torch's group norm in
-    # float64 on the same (rounded) values; half inputs are computed in float32, rounded once.
+    # blocks (the last one short); a batch of one is also cut into runs of positions. Forward
+    # and all gradients against torch's group norm in float64 on the same (rounded) values;
+    # half inputs are computed in float32, rounded once.
     gen = torch.Generator().manual_seed(11)
-    shape = (2, 2048, 15, 15)
+    layout_probe = torch.empty(shape).contiguous(memory_format=torch.channels_last)
+    assert stats._blockwise_channels_last(layout_probe)
+    positions = stats._positions(layout_probe)
+    runs = stats._split_samples(positions, stats._virtual_samples(positions))
+    assert runs.shape[0] == (4 if shape[0] == 1 else shape[0])  # 225 positions: no runs
+    assert runs.shape[1] % stats._position_blocks(runs) != 0  # uneven blocks
     x64 = 40.0 + 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
     x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     weight64, bias64 = _affine(shape[1], 3)

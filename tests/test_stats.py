@@ -276,15 +276,20 @@ def test_mask_with_weight_at_most_correction_is_an_error():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d"])
-def test_channels_last_blocks_merge_exactly(layout: str, dtype: torch.dtype):
+@pytest.mark.parametrize("batch", [2, 1])
+def test_channels_last_blocks_merge_exactly(layout: str, dtype: torch.dtype, batch: int):
     # Enough (sample, channel) pairs that the positions are reduced in several cache-sized
     # blocks, the last one short: the blockwise merge (Chan et al.) must equal the reference,
-    # also at a large mean, and half inputs must be reduced in float32.
+    # also at a large mean, and half inputs must be reduced in float32. A batch of one is also
+    # cut into runs of positions, merged the same way.
     gen = torch.Generator().manual_seed(5)
-    spatial = (3, 5, 15) if layout == "channels_last_3d" else (15, 15)
-    x64 = 100.0 + 0.5 * torch.randn((2, 2048, *spatial), generator=gen, dtype=torch.float64)
+    spatial = (3, 5, 16) if layout == "channels_last_3d" else (15, 16)
+    x64 = 100.0 + 0.5 * torch.randn((batch, 2048, *spatial), generator=gen, dtype=torch.float64)
     x = x64.to(dtype).contiguous(memory_format=getattr(torch, layout))
     positions = stats._positions(x)
+    parts = stats._virtual_samples(positions)
+    assert parts == 4 // batch  # 240 positions: 2 runs of 120, or 4 of 60
+    positions = stats._split_samples(positions, parts)
     block = stats._position_blocks(positions)
     assert 1 < block < positions.shape[1] and positions.shape[1] % block != 0  # uneven blocks
     for correction in (0, 1):

@@ -143,30 +143,42 @@ class _ChannelsLastNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
             return _channels_last_norm_double_backward(ctx, grad, x, scale, shift)
         acc = mean.dtype
+        n, c = mean.shape
         positions = stats._positions(x)
         m = positions.shape[1]
         grads = stats._positions(grad.contiguous(memory_format=stats._memory_format(x)))
-        mean_u = mean.unsqueeze(1)
+        # A batch of one or two is cut into runs of positions, as in the forward statistics;
+        # per-sample values are repeated per run, per-run sums added up per sample.
+        parts = stats._virtual_samples(positions)
+        positions = stats._split_samples(positions, parts)
+        grads = stats._split_samples(grads, parts)
+
+        def per_run(t: Tensor) -> Tensor:  # (N, C) -> (N * parts, 1, C)
+            return t.repeat_interleave(parts, 0).unsqueeze(1) if parts > 1 else t.unsqueeze(1)
+
+        mean_u = per_run(mean)
         block = stats._position_blocks(positions)
         x_chunks, g_chunks = torch.split(positions, block, 1), torch.split(grads, block, 1)
         work = stats._block_workspace(x_chunks)  # one buffer for every block's temporaries
         g_work = stats._block_workspace(g_chunks) if grads.dtype != acc else None
-        sum_g = torch.zeros_like(mean)
-        sum_gd = torch.zeros_like(mean)  # sum over positions of g * (x - mean)
+        sum_g = positions.new_zeros((n * parts, c), dtype=acc)
+        sum_gd = torch.zeros_like(sum_g)  # sum over positions of g * (x - mean)
         for g_chunk, x_chunk in zip(g_chunks, x_chunks, strict=True):
             if g_work is not None:  # half: upcast once into a buffer
                 g_chunk = stats._workspace_for(g_work, g_chunk).copy_(g_chunk)
             sum_g += g_chunk.sum(1)
             centred = stats._centred_into(x_chunk, mean_u, stats._workspace_for(work, x_chunk))
             sum_gd += centred.mul_(g_chunk).sum(1)
+        if parts > 1:
+            sum_g, sum_gd = sum_g.view(n, parts, c).sum(1), sum_gd.view(n, parts, c).sum(1)
         grad_x = None
         if ctx.needs_input_grad[0]:
             a = rstd if scale is None else rstd * scale
-            coef = (-a * rstd.square() * sum_gd / m).unsqueeze(1)
-            const = (-a * sum_g / m).unsqueeze(1)
-            a_u = a.unsqueeze(1)
+            coef = per_run(-a * rstd.square() * sum_gd / m)
+            const = per_run(-a * sum_g / m)
+            a_u = per_run(a)
             grad_x = torch.empty_like(x)
-            out = stats._positions(grad_x)
+            out = stats._split_samples(stats._positions(grad_x), parts)
             for g_chunk, x_chunk, o_chunk in zip(
                 g_chunks, x_chunks, torch.split(out, block, 1), strict=True
             ):

@@ -164,6 +164,28 @@ def _positions(x: Tensor) -> Tensor:
     return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
 
 
+def _virtual_samples(positions: Tensor) -> int:
+    """Into how many equal parts to split each sample's positions of an ``(N, M, C)`` view so
+    that the blockwise reductions over dim 1 have at least 4 rows of outputs (a power of two
+    dividing M; 1 if none or if the view cannot be split without a copy). torch spreads such a
+    reduction over threads by its outputs: with a batch of one, only C of them, and two threads
+    barely beat one."""
+    n, m, c = positions.shape
+    if n >= 4 or (n > 1 and positions.stride(0) != m * c):
+        return 1
+    parts = 1
+    while n * parts < 4 and m % (2 * parts) == 0:
+        parts *= 2
+    return parts
+
+
+def _split_samples(positions: Tensor, parts: int) -> Tensor:
+    """The ``(N * parts, M / parts, C)`` view of an ``(N, M, C)`` view (see
+    :func:`_virtual_samples`): each sample's positions cut into ``parts`` consecutive runs."""
+    n, m, c = positions.shape
+    return positions.view(n * parts, m // parts, c)
+
+
 def _position_blocks(positions: Tensor) -> int:
     """Positions per block so that an ``(N, block, C)`` temporary is about 1 MiB (in cache)."""
     return max(1, (1 << 18) // max(1, positions.shape[0] * positions.shape[2]))
@@ -215,8 +237,17 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
 
         M2 = sum_b M2_b + sum_b n_b (mean_b - mean)^2,
 
-    which is stable on features with a large mean (no E[x^2] - E[x]^2).
+    which is stable on features with a large mean (no E[x^2] - E[x]^2). A batch of one or two
+    is first cut into runs of positions (:func:`_virtual_samples`), reduced as more samples and
+    merged the same way.
     """
+    parts = _virtual_samples(positions)
+    if parts > 1:
+        n, _, c = positions.shape
+        run_mean, run_var = _positions_mean_var(_split_samples(positions, parts))
+        run_mean, run_var = run_mean.view(n, parts, c), run_var.view(n, parts, c)
+        mean = run_mean.mean(1)
+        return mean, run_var.mean(1) + (run_mean - mean.unsqueeze(1)).square_().mean(1)
     acc = compute_dtype(positions.dtype)
     m = positions.shape[1]
     block = _position_blocks(positions)
