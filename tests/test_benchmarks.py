@@ -18,11 +18,7 @@ SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 def test_quick_run_covers_every_op(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = importlib.util.spec_from_file_location("stylenorm_benchmarks", SUITE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = _load("stylenorm_benchmarks", SUITE, monkeypatch)
     # The default allocator: the steady one would change malloc settings of the test process.
     args = ["--quick", "--layouts", "contiguous,channels_last", "--allocator", "default"]
     rows = module.main(args)
@@ -53,7 +49,7 @@ def _load(name: str, path: Path, monkeypatch: pytest.MonkeyPatch):  # type: igno
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -227,6 +227,16 @@ def _block_moments(chunk: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
     return mean.squeeze(1), centred.square_().sum(1)
 
 
+def _merge_equal_counts(means: Tensor, variances: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance of the union of groups of equal size, from each group's biased
+    mean and variance along ``dim`` (Chan et al.'s parallel formula for equal counts):
+
+        mean = mean_g(mean_g),   var = mean_g(var_g) + mean_g((mean_g - mean)^2).
+    """
+    mean = means.mean(dim)
+    return mean, variances.mean(dim) + (means - mean.unsqueeze(dim)).square_().mean(dim)
+
+
 def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     """Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
     compute dtype (float32 for half inputs).
@@ -245,9 +255,7 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     if parts > 1:
         n, _, c = positions.shape
         run_mean, run_var = _positions_mean_var(_split_samples(positions, parts))
-        run_mean, run_var = run_mean.view(n, parts, c), run_var.view(n, parts, c)
-        mean = run_mean.mean(1)
-        return mean, run_var.mean(1) + (run_mean - mean.unsqueeze(1)).square_().mean(1)
+        return _merge_equal_counts(run_mean.view(n, parts, c), run_var.view(n, parts, c), 1)
     acc = compute_dtype(positions.dtype)
     m = positions.shape[1]
     block = _position_blocks(positions)
@@ -282,15 +290,12 @@ def _batch_mean_var_contiguous(x: Tensor) -> tuple[Tensor, Tensor]:
     ``(N, C, *spatial)`` tensor, ``(C,)`` each.
 
     Each (sample, channel) row is reduced two-pass (:func:`_rows_mean_var`); the N rows of a
-    channel, all of M positions, merge with Chan et al.'s formula for equal counts:
-
-        mean_c = mean_n(mean_nc),   var_c = mean_n(var_nc) + mean_n((mean_nc - mean_c)^2).
+    channel, all of M positions, merge with Chan et al.'s formula for equal counts
+    (:func:`_merge_equal_counts`).
     """
     n, c = x.shape[0], x.shape[1]
     row_mean, row_var = _rows_mean_var(x.view(n * c, -1))
-    row_mean, row_var = row_mean.view(n, c), row_var.view(n, c)
-    mean = row_mean.mean(0)
-    return mean, row_var.mean(0) + (row_mean - mean).square().mean(0)
+    return _merge_equal_counts(row_mean.view(n, c), row_var.view(n, c), 0)
 
 
 class _MeanVar(torch.autograd.Function):
