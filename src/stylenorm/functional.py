@@ -96,7 +96,8 @@ class _ChannelsLastNorm(torch.autograd.Function):
     (:func:`stylenorm.stats._positions_mean_var`). Half inputs are computed in float32 block by
     block and rounded once. Returns ``(y, mean, var)``; the statistics are for running averages
     and carry no gradient. The backward pass is the closed form (Ulyanov et al.'s instance norm
-    derivative), block by block over positions:
+    derivative), computed per sample by torch's channels_last batch-norm backward kernel from the
+    saved statistics:
 
     .. math::
 
@@ -142,57 +143,37 @@ class _ChannelsLastNorm(torch.autograd.Function):
         x, scale, shift, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
             return _channels_last_norm_double_backward(ctx, grad, x, scale, shift)
-        acc = mean.dtype
+        # Each sample's instance norm is batch norm of a batch of one: torch's channels_last
+        # batch-norm backward kernel (two fused passes, any float dtype, half computed in float32)
+        # runs per sample on our saved statistics, so x - mean is formed element by element from
+        # the stable mean and the closed form below holds at large means too.
+        grad = grad.contiguous(memory_format=stats._memory_format(x))
         n, c = mean.shape
-        positions = stats._positions(x)
-        m = positions.shape[1]
-        grads = stats._positions(grad.contiguous(memory_format=stats._memory_format(x)))
-        # A batch of one or two is cut into runs of positions, as in the forward statistics;
-        # per-sample values are repeated per run, per-run sums added up per sample.
-        parts = stats._virtual_samples(positions)
-        positions = stats._split_samples(positions, parts)
-        grads = stats._split_samples(grads, parts)
-
-        def per_run(t: Tensor) -> Tensor:  # (N, C) -> (N * parts, 1, C)
-            return t.repeat_interleave(parts, 0).unsqueeze(1) if parts > 1 else t.unsqueeze(1)
-
-        mean_u = per_run(mean)
-        block = stats._position_blocks(positions)
-        x_chunks, g_chunks = torch.split(positions, block, 1), torch.split(grads, block, 1)
-        work = stats._block_workspace(x_chunks)  # one buffer for every block's temporaries
-        g_work = stats._block_workspace(g_chunks) if grads.dtype != acc else None
-        sum_g = positions.new_zeros((n * parts, c), dtype=acc)
-        sum_gd = torch.zeros_like(sum_g)  # sum over positions of g * (x - mean)
-        for g_chunk, x_chunk in zip(g_chunks, x_chunks, strict=True):
-            if g_work is not None:  # half: upcast once into a buffer
-                g_chunk = stats._workspace_for(g_work, g_chunk).copy_(g_chunk)
-            sum_g += g_chunk.sum(1)
-            centred = stats._centred_into(x_chunk, mean_u, stats._workspace_for(work, x_chunk))
-            sum_gd += centred.mul_(g_chunk).sum(1)
-        if parts > 1:
-            sum_g, sum_gd = sum_g.view(n, parts, c).sum(1), sum_gd.view(n, parts, c).sum(1)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            a = rstd if scale is None else rstd * scale
-            coef = per_run(-a * rstd.square() * sum_gd / m)
-            const = per_run(-a * sum_g / m)
-            a_u = per_run(a)
-            grad_x = torch.empty_like(x)
-            out = stats._split_samples(stats._positions(grad_x), parts)
-            for g_chunk, x_chunk, o_chunk in zip(
-                g_chunks, x_chunks, torch.split(out, block, 1), strict=True
-            ):
-                # centred first: exact at a large mean
-                term = stats._centred_into(x_chunk, mean_u, stats._workspace_for(work, x_chunk))
-                torch.addcmul(const, term, coef, out=term)
-                if g_work is None:
-                    torch.addcmul(term, g_chunk, a_u, out=o_chunk)
-                else:  # half: computed in float32, rounded once
-                    g_values = stats._workspace_for(g_work, g_chunk).copy_(g_chunk)
-                    o_chunk.copy_(term.addcmul_(g_values, a_u))
-        grad_scale = rstd * sum_gd if scale is not None and ctx.needs_input_grad[1] else None
-        grad_shift = sum_g if shift is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_scale, grad_shift, None
+        grad_x = torch.empty_like(x)
+        sum_g_xhat, sum_g = mean.new_empty((n, c)), mean.new_empty((n, c))
+        for i in range(n):
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad[i : i + 1],
+                x[i : i + 1],
+                None if scale is None else scale[i],
+                None,
+                None,
+                mean[i],
+                rstd[i],
+                True,
+                ctx.eps,
+                [True, True, True],
+                out0=grad_x[i : i + 1],
+                out1=sum_g_xhat[i],
+                out2=sum_g[i],
+            )
+        needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
+        return (
+            grad_x if needs_x else None,
+            sum_g_xhat if scale is not None and needs_scale else None,
+            sum_g if shift is not None and needs_shift else None,
+            None,
+        )
 
 
 def _channels_last_norm_double_backward(

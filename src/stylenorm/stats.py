@@ -241,35 +241,32 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     """Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
     compute dtype (float32 for half inputs).
 
-    One read of the data, block by block: each cache-sized block gets the classic two-pass
-    mean and centred sum of squares (upcast there, so half inputs need no full-size float32
-    copy), and the blocks are merged with Chan et al.'s parallel formula
-
-        M2 = sum_b M2_b + sum_b n_b (mean_b - mean)^2,
-
-    which is stable on features with a large mean (no E[x^2] - E[x]^2). A batch of one or two
-    is first cut into runs of positions (:func:`_virtual_samples`), reduced as more samples and
-    merged the same way.
+    The classic two-pass algorithm, which is stable on features with a large mean (no
+    E[x^2] - E[x]^2): first the mean, with torch's cascade summation over M (one read of the
+    data; half inputs are upcast block by block in a reused buffer instead of copied whole), then
+    the squares of ``x - mean`` summed block by block in a reused cache-sized buffer. Both sums
+    are about the one exact mean, so no merge formula is needed. A batch of one or two is cut
+    into runs of positions (:func:`_virtual_samples`) so that both threads reduce.
     """
-    parts = _virtual_samples(positions)
-    if parts > 1:
-        n, _, c = positions.shape
-        run_mean, run_var = _positions_mean_var(_split_samples(positions, parts))
-        return _merge_equal_counts(run_mean.view(n, parts, c), run_var.view(n, parts, c), 1)
     acc = compute_dtype(positions.dtype)
-    m = positions.shape[1]
-    block = _position_blocks(positions)
-    chunks = torch.split(positions, block, 1)
+    n, m, c = positions.shape
+    parts = _virtual_samples(positions)
+    runs = _split_samples(positions, parts)
+    chunks = torch.split(runs, _position_blocks(runs), 1)
     work = _block_workspace(chunks)
-    means, sums_sq = zip(*(_block_moments(chunk, work) for chunk in chunks), strict=True)
-    if len(means) == 1:
-        return means[0], sums_sq[0] / m
-    counts = torch.full((len(means), 1, 1), float(block), dtype=acc, device=positions.device)
-    counts[-1] = m - block * (len(means) - 1)
-    block_means = torch.stack(means)  # (B, N, C)
-    mean = (block_means * counts).sum(0) / m
-    spread = (block_means - mean).square_().mul_(counts).sum(0)
-    return mean, (torch.stack(sums_sq).sum(0) + spread) / m
+    if positions.dtype == acc:
+        run_sums = runs.sum(1)
+    else:
+        run_sums = torch.zeros((n * parts, c), dtype=acc, device=positions.device)
+        for chunk in chunks:
+            run_sums += _workspace_for(work, chunk).copy_(chunk).sum(1)
+    mean = (run_sums.view(n, parts, c).sum(1) if parts > 1 else run_sums) / m
+    run_mean = (mean.repeat_interleave(parts, 0) if parts > 1 else mean).unsqueeze(1)
+    run_sums_sq = torch.zeros_like(run_sums)
+    for chunk in chunks:
+        run_sums_sq += _centred_into(chunk, run_mean, _workspace_for(work, chunk)).square_().sum(1)
+    sums_sq = run_sums_sq.view(n, parts, c).sum(1) if parts > 1 else run_sums_sq
+    return mean, sums_sq / m
 
 
 def _rows_mean_var(rows: Tensor) -> tuple[Tensor, Tensor]:
