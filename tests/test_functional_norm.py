@@ -288,12 +288,14 @@ def test_inputs_not_modified(which: str, training: bool):
 @pytest.mark.parametrize("grad_layout", ["same", "contiguous"])
 @pytest.mark.parametrize("shape", [(2, 2048, 15, 15), (1, 512, 24, 24)])
 def test_channels_last_instance_norm_in_several_blocks(
-    dtype: torch.dtype, grad_layout: str, shape: tuple[int, ...]
+    dtype: torch.dtype, grad_layout: str, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ):
-    # Enough (sample, channel) pairs that the channels-last path works in several position
-    # blocks (the last one short); a batch of one is also cut into runs of positions. Forward
-    # and all gradients against torch's group norm in float64 on the same (rounded) values;
-    # half inputs are computed in float32, rounded once.
+    # Enough (sample, channel) pairs that the channels-last statistics work in several position
+    # blocks (at 2^18 values per block, which these shapes were sized for; the last one short);
+    # a batch of one is also cut into runs of positions. Forward and all gradients against
+    # torch's group norm in float64 on the same (rounded) values; half inputs are computed in
+    # float32, rounded once.
+    monkeypatch.setattr(stats, "_BLOCK_VALUES", 1 << 18)
     gen = torch.Generator().manual_seed(11)
     layout_probe = torch.empty(shape).contiguous(memory_format=torch.channels_last)
     assert stats._blockwise_channels_last(layout_probe)

@@ -277,11 +277,14 @@ def test_mask_with_weight_at_most_correction_is_an_error():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d"])
 @pytest.mark.parametrize("batch", [2, 1])
-def test_channels_last_blocks_merge_exactly(layout: str, dtype: torch.dtype, batch: int):
+def test_channels_last_blocks_merge_exactly(
+    layout: str, dtype: torch.dtype, batch: int, monkeypatch: pytest.MonkeyPatch
+):
     # Enough (sample, channel) pairs that the positions are reduced in several cache-sized
-    # blocks, the last one short: the blockwise merge (Chan et al.) must equal the reference,
-    # also at a large mean, and half inputs must be reduced in float32. A batch of one is also
-    # cut into runs of positions, merged the same way.
+    # blocks (at 2^18 values per block, which these shapes were sized for), the last one short:
+    # the blockwise sums must equal the reference, also at a large mean, and half inputs must be
+    # reduced in float32. A batch of one is also cut into runs of positions, merged exactly.
+    monkeypatch.setattr(stats, "_BLOCK_VALUES", 1 << 18)
     gen = torch.Generator().manual_seed(5)
     spatial = (3, 5, 16) if layout == "channels_last_3d" else (15, 16)
     x64 = 100.0 + 0.5 * torch.randn((batch, 2048, *spatial), generator=gen, dtype=torch.float64)

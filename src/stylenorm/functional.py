@@ -120,18 +120,24 @@ class _ChannelsLastNorm(torch.autograd.Function):
             view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
             torch.addcmul(b.reshape(view), x, a.reshape(view), out=out)
         else:
-            # Half input: upcast and round back block by block (mixed-dtype elementwise kernels
-            # are slow on CPU, and a full-size float32 temporary costs fresh pages).
-            positions, out_positions = stats._positions(x), stats._positions(out)
-            block = stats._position_blocks(positions)
-            x_chunks = torch.split(positions, block, 1)
-            work = stats._block_workspace(x_chunks)  # reused: no fresh pages per block
-            a_u, b_u = a.unsqueeze(1), b.unsqueeze(1)
-            for x_chunk, o_chunk in zip(
-                x_chunks, torch.split(out_positions, block, 1), strict=True
-            ):
-                values = stats._workspace_for(work, x_chunk).copy_(x_chunk)
-                o_chunk.copy_(values.mul_(a_u).add_(b_u))
+            # Half input: torch's channels_last batch-norm kernel in evaluation mode, per sample,
+            # with our statistics as the running ones: one fused pass, computed in float32 and
+            # rounded once (mixed-dtype elementwise ops are slow on CPU).
+            unused = mean.new_empty(0)
+            for i in range(x.shape[0]):
+                torch.ops.aten.native_batch_norm.out(
+                    x[i : i + 1],
+                    None if scale is None else scale[i],
+                    None if shift is None else shift[i],
+                    mean[i],
+                    var[i],
+                    False,
+                    0.0,
+                    eps,
+                    out=out[i : i + 1],
+                    save_mean=unused,
+                    save_invstd=unused,
+                )
         return out, mean, var
 
     setup_context = staticmethod(_save_normalization_context)
