@@ -284,7 +284,7 @@ def test_inputs_not_modified(which: str, training: bool):
         assert original.stride() == copy.stride()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_layout", ["same", "contiguous"])
 @pytest.mark.parametrize("shape", [(2, 2048, 15, 15), (1, 512, 24, 24)])
 def test_channels_last_instance_norm_in_several_blocks(
@@ -321,7 +321,9 @@ def test_channels_last_instance_norm_in_several_blocks(
     b_ref = bias.detach().double().requires_grad_()
     y_ref = F.group_norm(x_ref, shape[1], w_ref, b_ref, 1e-5)
     y_ref.backward(grad.double())
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}[
+        dtype
+    ]
     assert x.grad is not None and weight.grad is not None and bias.grad is not None
     for ours, ref in ((y, y_ref), (x.grad, x_ref.grad), (weight.grad, w_ref.grad)):
         assert ref is not None
@@ -329,6 +331,94 @@ def test_channels_last_instance_norm_in_several_blocks(
         torch.testing.assert_close(ours.detach().double(), ref, rtol=tol, atol=tol * scale)
     assert b_ref.grad is not None
     torch.testing.assert_close(bias.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["strided-affine", "odd-grad-stride", "affine-grads-only"])
+def test_channels_last_instance_norm_unusual_strides_and_grads(dtype: torch.dtype, case: str):
+    # The large channels_last path hands torch's batch-norm backward kernel one sample at a time.
+    # Affine parameters that are strided views, an incoming gradient of a batch of one whose
+    # (size-1) batch dimension has an odd stride, and gradients wanted for the affine
+    # parameters only must all give float64 group norm's numbers.
+    gen = torch.Generator().manual_seed(13)
+    shape = (1, 64, 64, 64) if case == "odd-grad-stride" else (2, 64, 48, 48)
+    x64 = 5.0 + 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x64.to(dtype).contiguous(memory_format=torch.channels_last)
+    assert stats._blockwise_channels_last(x)
+    x.requires_grad_(case != "affine-grads-only")
+    table = torch.randn(shape[1], 3, generator=gen, dtype=torch.float64).float()
+    weight, bias = table[:, 0].clone(), table[:, 1].clone()
+    if case == "strided-affine":
+        table.requires_grad_()
+        weight, bias = table[:, 0], table[:, 2]  # stride 3
+        assert weight.stride() == (3,)
+    else:
+        weight.requires_grad_()
+        bias.requires_grad_()
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    if case == "odd-grad-stride":
+        grad = grad.as_strided(grad.shape, (7, *grad.stride()[1:]))
+        assert grad.is_contiguous(memory_format=torch.channels_last) and grad.stride() != x.stride()
+    y = functional.instance_norm(x, weight=weight, bias=bias)
+    y.backward(grad)
+
+    x_ref = x.detach().double().requires_grad_()
+    w_ref = weight.detach().double().requires_grad_()
+    b_ref = bias.detach().double().requires_grad_()
+    F.group_norm(x_ref, shape[1], w_ref, b_ref, 1e-5).backward(grad.double())
+    if case == "strided-affine":
+        assert table.grad is not None
+        got_w, got_b = table.grad[:, 0], table.grad[:, 2]
+        assert not table.grad[:, 1].any()
+    else:
+        got_w, got_b = weight.grad, bias.grad
+    tol = 1e-4 if dtype == torch.float32 else 4e-3
+    pairs = [(got_w, w_ref.grad), (got_b, b_ref.grad)]
+    if case == "affine-grads-only":
+        assert x.grad is None
+    else:
+        pairs.append((x.grad, x_ref.grad))
+    for ours, ref in pairs:
+        assert ours is not None and ref is not None
+        scale = float(ref.abs().max())
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 3), (1, 2, 3, 3, 2), (3, 4, 2, 2)], ids=str)
+@pytest.mark.parametrize("per_sample_kernel", [True, False])
+def test_channels_last_backward_forms_gradcheck(
+    shape: tuple[int, ...], per_sample_kernel: bool, monkeypatch: pytest.MonkeyPatch
+):
+    # The channels_last path's two backward forms (torch's batch-norm backward kernel per
+    # sample, and the batched closed form for small samples), each forced at a small size:
+    # float64 gradcheck and gradgradcheck with a shared affine map (instance norm) and with a
+    # per-sample one (conditional instance norm, AdaIN).
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
+    monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0 if per_sample_kernel else 1 << 40)
+    gen = torch.Generator().manual_seed(17)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = (1.5 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).contiguous(
+        memory_format=fmt
+    )
+    assert stats._blockwise_channels_last(x)
+    n, c = shape[0], shape[1]
+    weight, bias = _affine(c, 3)
+    scale = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    shift = torch.randn(n, c, generator=gen, dtype=torch.float64)
+
+    def shared(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return functional.instance_norm(x, None, None, w, b, True, 0.1, 1e-3)
+
+    def per_sample(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return functional._cin_normalize(x, w, b, 1e-3)
+
+    for fn, affine in ((shared, (weight, bias)), (per_sample, (scale, shift))):
+        inputs = tuple(t.clone().requires_grad_() for t in (x, *affine))
+        assert inputs[0].is_contiguous(memory_format=fmt)
+        assert gradcheck(fn, inputs)
+        assert gradgradcheck(fn, inputs)
 
 
 def test_batch_norm_fast_path_is_taken_where_expected(kernels: str):

@@ -277,7 +277,7 @@ def test_mask_with_weight_at_most_correction_is_an_error():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d"])
 @pytest.mark.parametrize("batch", [2, 1])
-def test_channels_last_blocks_merge_exactly(
+def test_channels_last_blocks_sum_exactly(
     layout: str, dtype: torch.dtype, batch: int, monkeypatch: pytest.MonkeyPatch
 ):
     # Enough (sample, channel) pairs that the positions are reduced in several cache-sized
