@@ -161,8 +161,11 @@ class _ChannelsLastNorm(torch.autograd.Function):
         mask = [needs_x, scale is not None and needs_scale, shift is not None and needs_shift]
         if x[0].numel() < _KERNEL_MIN_SAMPLE_NUMEL:
             return (*_channels_last_norm_backward_batched(grad, x, scale, mean, rstd, mask), None)
-        samples = [
-            torch.ops.aten.native_batch_norm_backward(
+        n = x.shape[0]
+        grad_x = torch.empty_like(x) if mask[0] and n > 1 else None
+        sums_g_xhat, sums_g = [], []
+        for i in range(n):
+            sample_x, sample_scale, sample_shift = torch.ops.aten.native_batch_norm_backward(
                 grad[i : i + 1],
                 x[i : i + 1],
                 # The kernel reads the weight as a contiguous vector.
@@ -175,15 +178,14 @@ class _ChannelsLastNorm(torch.autograd.Function):
                 ctx.eps,
                 mask,
             )
-            for i in range(x.shape[0])
-        ]
-        grad_x = grad_scale = grad_shift = None
-        if mask[0]:
-            grad_x = samples[0][0] if len(samples) == 1 else torch.cat([s[0] for s in samples])
-        if mask[1]:
-            grad_scale = torch.stack([s[1] for s in samples])  # sum over positions of g * x_hat
-        if mask[2]:
-            grad_shift = torch.stack([s[2] for s in samples])  # sum over positions of g
+            if grad_x is not None:  # copied while in cache, between equal strides
+                grad_x[i : i + 1].copy_(sample_x)
+            elif mask[0]:
+                grad_x = sample_x
+            sums_g_xhat.append(sample_scale)
+            sums_g.append(sample_shift)
+        grad_scale = torch.stack(sums_g_xhat) if mask[1] else None  # sums of g * x_hat
+        grad_shift = torch.stack(sums_g) if mask[2] else None  # sums of g
         return grad_x, grad_scale, grad_shift, None
 
 
