@@ -341,6 +341,54 @@ def test_gram_matrix_gradcheck(normalize: str, center: bool, masked: bool) -> No
     assert gradgradcheck(f, (x,))
 
 
+# Shapes that take each path of the Gram product: 32-row blocks with a short last block
+# (80 channels), 64-row blocks (300 channels), a single sample split into two halves of its
+# positions (then blocked), an odd position count (one plain product) and too few channels.
+GRAM_BLOCK_SHAPES = [
+    (2, 80, 16, 16),
+    (2, 300, 4, 64),
+    (1, 64, 64, 64),
+    (1, 64, 1, 4097),
+    (3, 48, 16, 16),
+]
+
+
+@pytest.mark.parametrize("shape", GRAM_BLOCK_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gram_products_of_every_block_path_match_reference(
+    shape: tuple[int, ...], layout: str
+) -> None:
+    """Large Grams (multiplied in blocks above the diagonal, the lower half copied) equal the
+    float64 reference, with and without autograd."""
+    gen = torch.Generator().manual_seed(5)
+    x = 1.5 + _randn(shape, gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = _randn((1, *shape[1:]), gen, scale=2.0)
+    expected = ref.gram_matrix(_np(x), "hw", None, True)
+    expected_loss = ref.gram_loss(_np(x), _np(y), normalize="hw", reduction="sum", center=True)
+    for requires_grad in (False, True):
+        got = gram_matrix(x.clone().requires_grad_(requires_grad), normalize="hw", center=True)
+        np.testing.assert_allclose(_np(got), expected, rtol=1e-10, atol=1e-12 * _scale(expected))
+        loss = gram_loss(
+            x.clone().requires_grad_(requires_grad), y, normalize="hw", reduction="sum", center=True
+        )
+        np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-9)
+    got32 = gram_matrix(x.float(), normalize="hw", center=True)
+    np.testing.assert_allclose(_np(got32), expected, rtol=1e-4, atol=1e-5 * _scale(expected))
+
+
+def test_blocked_gram_gradients_and_vmap() -> None:
+    """The blocked forward inside the Gram Function: gradients (fast gradcheck) and vmap."""
+    gen = torch.Generator().manual_seed(6)
+    x = _randn((2, 64, 16, 16), gen).requires_grad_()
+    assert gradcheck(lambda a: gram_matrix(a, normalize="chw"), (x,), fast_mode=True)
+    xs = _randn((2, 2, 64, 16, 16), gen)
+    y = _randn((1, 64, 16, 16), gen)
+    looped = torch.stack([gram_loss(a, y) for a in xs])
+    torch.testing.assert_close(torch.func.vmap(lambda a: gram_loss(a, y))(xs), looped)
+
+
 def test_constant_features_give_finite_losses_and_gradients() -> None:
     x = torch.full((2, 3, 4, 4), 0.7, dtype=torch.float64, requires_grad=True)
     y = torch.full((1, 3, 4, 4), -1.5, dtype=torch.float64)
