@@ -1427,7 +1427,14 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (features,) = ctx.saved_tensors
-        grad_features = torch.bmm(grad + grad.mT, features)
+        symmetric = grad + grad.mT
+        if features.stride(1) == 1 and features.stride(2) != 1:
+            # channels_last memory, (N, M, C) contiguous: (S F)^T = F^T S for a symmetric S, so
+            # the gradient is computed in the features' own layout (autograd would otherwise
+            # copy a contiguous gradient into channels_last, a transposing copy).
+            grad_features = torch.bmm(features.mT, symmetric).mT
+        else:
+            grad_features = torch.bmm(symmetric, features)
         return (grad_features if ctx.scale == 1.0 else grad_features * ctx.scale), None
 
 
