@@ -87,14 +87,44 @@ def test_matches_torch_var_mean():
         torch.testing.assert_close(v, var)
 
 
-def test_large_mean_does_not_cancel():
-    # E[x^2] - E[x]^2 in float32 loses every digit of a unit variance at mean 1e4.
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4, 1e6])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_does_not_cancel(offset: float, layout: str):
+    # E[x^2] - E[x]^2 in float32 loses every digit of a unit variance at mean 1e4, and a float32
+    # one-pass (Welford) reduction loses digits in proportion to |mean| / std (1e-4 at 1e4).
+    # Ours must be as close to the float64 statistics of the float32 input as torch.var_mean.
     gen = torch.Generator().manual_seed(0)
-    x64 = 1e4 + torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
-    x = x64.float()
-    _, var = stats.mean_var(x)
-    _, ref = reference.mean_var(_np(x))
-    np.testing.assert_allclose(_np(var), ref, rtol=1e-4)
+    x = (offset + torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = stats.mean_var(x)
+    ref_mean, ref_var = reference.mean_var(_np(x))
+    np.testing.assert_allclose(_np(var), ref_var, rtol=1e-6)
+    np.testing.assert_allclose(_np(mean), ref_mean, rtol=2e-7)
+    torch_var, torch_mean = torch.var_mean(x, (2, 3), correction=0)
+    torch.testing.assert_close(var, torch_var, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(mean, torch_mean, rtol=2e-7, atol=0.0)
+
+
+def test_refined_large_mean_statistics_gradients_and_vmap():
+    """The refined path (|mean| / std above the group-norm bound): gradients to second order,
+    and vmap (which keeps the one-pass numbers) against a loop."""
+    gen = torch.Generator().manual_seed(7)
+    x = (300.0 + torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)).requires_grad_()
+    assert stats._needs_refining(*_group_norm_moments(x.detach()), x.detach())
+    assert gradcheck(lambda t: stats.mean_std(t, correction=1), (x,))
+    assert gradgradcheck(lambda t: stats.mean_std(t), (x,))
+    xs = x.detach().unsqueeze(0).expand(2, -1, -1, -1, -1) + torch.arange(2.0).view(2, 1, 1, 1, 1)
+    looped = [torch.stack(stats.mean_var(t)) for t in xs]
+    torch.testing.assert_close(
+        torch.func.vmap(lambda t: torch.stack(stats.mean_var(t)))(xs), torch.stack(looped)
+    )
+
+
+def _group_norm_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c = x.shape[0], x.shape[1]
+    _, mean, rstd = torch.native_group_norm(x, None, None, n, c, x[0, 0].numel(), c, 0.0)
+    return mean.reshape(n, c), rstd.reshape(n, c)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d"])
