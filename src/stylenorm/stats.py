@@ -342,15 +342,19 @@ def _rows_refined_mean_var(rows: Tensor, estimate: Tensor) -> tuple[Tensor, Tens
         sums.append(centred.sum(1))
         sums_sq.append(centred.square_().sum(1))
     shift = torch.cat(sums) / rows.shape[1]
-    return estimate + shift, torch.cat(sums_sq) / rows.shape[1] - shift.square()
+    # Never below zero, also for a (near-)constant row in rounding.
+    return estimate + shift, (torch.cat(sums_sq) / rows.shape[1] - shift.square()).clamp_min_(0.0)
 
 
 class _MeanVar(torch.autograd.Function):
     """Mean and variance over the trailing dims with one fused reduction and a closed-form VJP.
 
     The forward pass uses the (contiguous) group-norm reduction kernel with one group per channel:
-    a single Welford-style pass, numerically stable on features with a large mean, and many times
-    faster than ``torch.var_mean`` on CPU. The backward pass is the exact derivative
+    a single Welford-style pass, free of E[x^2] - E[x]^2 cancellation and many times faster than
+    ``torch.var_mean`` on CPU, refined by a corrected two-pass where some channel's
+    |mean| / std exceeds ``_REFINE_ABOVE_RATIO`` (the kernel's float32 error grows with that
+    ratio); channels_last input takes two passes on its (N, M, C) view. The backward pass is the
+    exact derivative
 
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
 
