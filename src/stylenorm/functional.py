@@ -189,14 +189,18 @@ class _ChannelsLastNorm(torch.autograd.Function):
         return grad_x, grad_scale, grad_shift, None
 
 
+def _recording(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors. Where it does not (inference,
+    ``no_grad``), the Functions here run their forward directly: ``autograd.Function.apply``
+    costs ~20 us per call in Python."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _channels_last_norm(
     x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:class:`_ChannelsLastNorm`, whose forward runs directly where no gradient is needed
-    (inference, ``no_grad``): ``autograd.Function.apply`` costs ~20 us per call in Python."""
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, scale, shift)
-    ):
+    """:class:`_ChannelsLastNorm`, its forward run directly where no gradient is recorded."""
+    if _recording(x, scale, shift):
         result: tuple[Tensor, Tensor, Tensor] = _ChannelsLastNorm.apply(x, scale, shift, eps)  # type: ignore[no-untyped-call]
         return result
     return _ChannelsLastNorm.forward(x, scale, shift, eps)
@@ -1368,8 +1372,8 @@ def _symmetric_bmm(lhs: Tensor, rhs: Tensor) -> Tensor:
     Only the blocks on and above the diagonal are multiplied: each block of rows
     :math:`i{:}j` of ``lhs`` against rows :math:`i{:}C` of ``rhs``, about
     :math:`(1 + 1/k)/2` of the work for :math:`k` blocks; the entries below the diagonal are
-    the transposes of those above. ``lhs`` is ``F`` (or ``F diag(w)``) and ``rhs`` is ``F``, so
-    every entry is the same kind of sum of products as in the full product. A single sample
+    the transposes of those above. Every entry is the same kind of sum of products as in the
+    full product. A single sample
     with at least 4096 (an even number of) positions is split into two halves of its positions,
     multiplied as a batch of two and summed, which keeps both threads of ``bmm`` busy. Assembled
     with ``cat`` (no in-place writes), so the forward of :class:`_Gram` also runs under
@@ -1448,8 +1452,8 @@ def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) 
     if weights is None:
         count = float(features.shape[-1])
         scale = {"none": 1.0, "hw": 1.0 / count}.get(normalize, 1.0 / (count * x.shape[1]))
-        if not (torch.is_grad_enabled() and features.requires_grad):
-            return _scaled_gram(features, scale)  # skips autograd.Function's ~20 us per call
+        if not _recording(features):
+            return _scaled_gram(features, scale)
         gram: Tensor = _Gram.apply(features, scale)  # type: ignore[no-untyped-call]
         return gram
     gram = torch.bmm(features * weights, features.mT)

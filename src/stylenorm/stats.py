@@ -234,16 +234,6 @@ def _block_moments(chunk: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
     return mean.squeeze(1), centred.square_().sum(1)
 
 
-def _merge_equal_counts(means: Tensor, variances: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Biased mean and variance of the union of groups of equal size, from each group's biased
-    mean and variance along ``dim`` (Chan et al.'s parallel formula for equal counts):
-
-        mean = mean_g(mean_g),   var = mean_g(var_g) + mean_g((mean_g - mean)^2).
-    """
-    mean = means.mean(dim)
-    return mean, variances.mean(dim) + (means - mean.unsqueeze(dim)).square_().mean(dim)
-
-
 def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor]:
     """Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
     compute dtype (float32 for half inputs).
@@ -295,12 +285,15 @@ def _batch_mean_var_contiguous(x: Tensor) -> tuple[Tensor, Tensor]:
     ``(N, C, *spatial)`` tensor, ``(C,)`` each.
 
     Each (sample, channel) row is reduced two-pass (:func:`_rows_mean_var`); the N rows of a
-    channel, all of M positions, merge with Chan et al.'s formula for equal counts
-    (:func:`_merge_equal_counts`).
+    channel, all of M positions, merge with Chan et al.'s formula for equal counts:
+
+        mean_c = mean_n(mean_nc),   var_c = mean_n(var_nc) + mean_n((mean_nc - mean_c)^2).
     """
     n, c = x.shape[0], x.shape[1]
     row_mean, row_var = _rows_mean_var(x.view(n * c, -1))
-    return _merge_equal_counts(row_mean.view(n, c), row_var.view(n, c), 0)
+    row_mean, row_var = row_mean.view(n, c), row_var.view(n, c)
+    mean = row_mean.mean(0)
+    return mean, row_var.mean(0) + (row_mean - mean).square().mean(0)
 
 
 # Largest |mean| / std of a (sample, channel) for which the group-norm reduction's statistics
@@ -384,11 +377,11 @@ class _MeanVar(torch.autograd.Function):
                 else x.to(acc, memory_format=torch.contiguous_format)
             )
             _, mean, rstd = torch.ops.aten.native_group_norm(xs, None, None, n, c, m, c, 0.0)
-            mean = mean.reshape(n, c)
+            mean, rstd = mean.reshape(n, c), rstd.reshape(n, c)
             # rstd = 1 / sqrt(var); a constant channel gives rstd = inf and var = 0 exactly.
-            var = rstd.reshape(n, c).reciprocal().square()
-            if _needs_refining(mean, rstd.reshape(n, c), xs):
-                mean, var = _rows_refined_mean_var(xs.view(n * c, m), mean.reshape(n * c))
+            var = rstd.reciprocal().square()
+            if _needs_refining(mean, rstd, xs):
+                mean, var = _rows_refined_mean_var(xs.view(n * c, m), mean.view(n * c))
                 mean, var = mean.view(n, c), var.view(n, c)
         if correction != 0:
             var = var * (m / (m - correction))
