@@ -303,15 +303,16 @@ def _batch_mean_var_contiguous(x: Tensor) -> tuple[Tensor, Tensor]:
 _REFINE_ABOVE_RATIO = 30.0
 
 
-def _needs_refining(mean: Tensor, rstd: Tensor, x: Tensor) -> bool:
+def _needs_refining(
+    mean: Tensor, rstd: Tensor, x: Tensor, bound: float = _REFINE_ABOVE_RATIO
+) -> bool:
     """Whether some (sample, channel) of contiguous CPU ``x`` has ``|mean| * rstd`` above
-    ``_REFINE_ABOVE_RATIO`` (constant channels, rstd = inf, excepted). Not under compile or
-    vmap, which cannot branch on values, nor on other devices, where the check would
-    synchronize."""
+    ``bound`` (constant channels, rstd = inf, excepted). Not under compile or vmap, which cannot
+    branch on values, nor on other devices, where the check would synchronize."""
     if x.device.type != "cpu" or _is_compiling() or _is_vmapped(x):
         return False
     ratio = (mean.abs() * rstd).nan_to_num_(0.0, 0.0, 0.0)
-    return bool(ratio.numel() and float(ratio.amax()) > _REFINE_ABOVE_RATIO)
+    return bool(ratio.numel() and float(ratio.amax()) > bound)
 
 
 def _rows_refined_mean_var(rows: Tensor, estimate: Tensor) -> tuple[Tensor, Tensor]:
