@@ -151,6 +151,30 @@ def test_gradcheck_and_gradgradcheck(which: str, shape: tuple[int, ...], channel
     assert gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("path", ["small", "function"])
+def test_gradcheck_contiguous_instance_norm_precise_paths(
+    path: str, per_sample: bool, monkeypatch: pytest.MonkeyPatch
+):
+    # |mean|/std well above 1 takes the precise paths (not the group-norm gradient); a mean of
+    # 50 times the spread also refines the statistics. Shared and per-sample (CIN) parameters.
+    monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 1 << 40 if path == "small" else 0)
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    x = x + torch.tensor([3.0, -50.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1)
+    scale = torch.rand(2 if per_sample else 1, 3, generator=gen, dtype=torch.float64) + 0.5
+    shift = torch.randn(scale.shape, generator=gen, dtype=torch.float64)
+    if not per_sample:
+        scale, shift = scale[0], shift[0]
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return functional._contiguous_norm(x, w, b, 1e-3)
+
+    inputs = tuple(t.clone().requires_grad_() for t in (x, scale, shift))
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
 @pytest.mark.parametrize("which", ["instance", "batch"])
 def test_gradcheck_evaluation_mode(which: str):
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -495,18 +519,23 @@ def test_batch_norm_float32_against_float64_at_large_mean(offset: float):
         torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("which", ["instance_channels_last", "batch_contiguous"])
-def test_func_grad_of_custom_backward_paths(which: str):
-    # torch.func.grad needs autograd Functions with setup_context: both custom backward paths.
+@pytest.mark.parametrize(
+    "which", ["instance_channels_last", "instance_contiguous_large_mean", "batch_contiguous"]
+)
+def test_func_grad_of_custom_backward_paths(which: str, monkeypatch: pytest.MonkeyPatch):
+    # torch.func.grad needs autograd Functions with setup_context: every custom backward path.
+    monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 0)
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(3, 4, 5, 6, generator=gen, dtype=torch.float64)
+    if which == "instance_contiguous_large_mean":
+        x = x + 40.0
     weight, bias = _affine(4, 9)
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     if which == "instance_channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
 
     def loss(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if which == "instance_channels_last":
+        if which.startswith("instance"):
             y = functional.instance_norm(x, None, None, w, bias)
         else:
             y = functional.batch_norm(x, None, None, w, bias, True)
@@ -518,3 +547,47 @@ def test_func_grad_of_custom_backward_paths(which: str):
     assert xr.grad is not None and wr.grad is not None
     torch.testing.assert_close(grads[0], xr.grad)
     torch.testing.assert_close(grads[1], wr.grad)
+
+
+def _instance_norm_formula(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Instance norm written out, for float64 autograd references (eps = 1e-5)."""
+    dims = tuple(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)
+    view = (1, -1) + (1,) * len(dims)
+    return (x - mean) / torch.sqrt(var + 1e-5) * w.view(view) + b.view(view)
+
+
+@pytest.mark.parametrize("offset", [30.0, 1e3, 1e4])
+@pytest.mark.parametrize("path", ["small", "function"])
+def test_contiguous_instance_norm_as_precise_as_torch_at_large_mean(
+    offset: float, path: str, monkeypatch: pytest.MonkeyPatch
+):
+    # Output and gradients of float32 contiguous instance norm on features whose mean dwarfs
+    # their spread, against float64 of the same values: no worse than torch.nn's own float32
+    # error (the group-norm kernel's gradient is 10x-30x worse here, its 1/sigma too above 1e3).
+    monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 1 << 40 if path == "small" else 0)
+    gen = torch.Generator().manual_seed(int(offset))
+    shape = (3, 8, 24, 24)
+    signs = torch.randn(shape[0], shape[1], 1, 1, generator=gen).sign()
+    x = (offset * signs + torch.randn(shape, generator=gen)).float()
+    weight, bias = (t.float() for t in _affine(shape[1], 2))
+    grad = torch.randn(shape, generator=gen)
+    refs = [x.double().requires_grad_(), weight.double().requires_grad_(), bias.double()]
+    refs[2].requires_grad_()
+    expected_y = _instance_norm_formula(*refs)
+    expected = [expected_y.detach(), *torch.autograd.grad(expected_y, refs, grad.double())]
+
+    def errors(fn: Callable[..., torch.Tensor]) -> list[float]:
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = fn(*inputs)
+        got = [y, *torch.autograd.grad(y, inputs, grad)]
+        return [
+            float((g.detach().double() - e).abs().max() / e.abs().max())
+            for g, e in zip(got, expected, strict=True)
+        ]
+
+    ours = errors(lambda x, w, b: functional.instance_norm(x, weight=w, bias=b))
+    theirs = errors(lambda x, w, b: F.instance_norm(x, weight=w, bias=b))
+    for name, e_ours, e_theirs in zip(("y", "x", "weight", "bias"), ours, theirs, strict=True):
+        assert e_ours <= 2 * e_theirs + 1e-6, (name, e_ours, e_theirs)
