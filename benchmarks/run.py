@@ -270,9 +270,12 @@ def time_pair(ours: Fn, baseline: Fn, rounds: int, min_run_time: float) -> tuple
     return ours_times[len(ours_times) // 2], base_times[len(base_times) // 2]
 
 
-def make_input(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str) -> Tensor:
+def make_input(
+    shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str, offset: float = 0.5
+) -> Tensor:
+    """Standard normal features shifted by ``offset`` (their mean), in ``layout``."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = 0.5 + torch.randn(shape, generator=gen)
+    x = offset + torch.randn(shape, generator=gen)
     x = x.to(device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -280,14 +283,20 @@ def make_input(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: 
 
 
 def peak_memory(
-    op: str, side: str, shape: tuple[int, ...], layout: str, dtype: str, device: str
+    op: str,
+    side: str,
+    shape: tuple[int, ...],
+    layout: str,
+    dtype: str,
+    device: str,
+    offset: float = 0.5,
 ) -> float:
     """Peak extra memory (MiB) of one forward+backward, measured in a fresh process."""
     args = [
         sys.executable,
         __file__,
         "--_measure",
-        json.dumps([op, side, shape, layout, dtype, device]),
+        json.dumps([op, side, shape, layout, dtype, device, offset]),
     ]
     # Every allocation above 64 KiB mmapped and returned on free: RSS then follows live tensors
     # instead of glibc's cached heap.
@@ -297,9 +306,9 @@ def peak_memory(
 
 
 def _measure(spec: str) -> None:
-    op, side, shape, layout, dtype_name, device = json.loads(spec)
+    op, side, shape, layout, dtype_name, device, offset = json.loads(spec)
     dtype = getattr(torch, dtype_name)
-    x = make_input(tuple(shape), layout, dtype, device)
+    x = make_input(tuple(shape), layout, dtype, device, offset)
     case = make_case(op, x)
     fn = case.ours if side == "ours" else case.baseline
     xg = x.detach().clone().requires_grad_()
@@ -348,6 +357,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--compile", action="store_true", help="also torch.compile the plain formula"
     )
+    parser.add_argument(
+        "--offset",
+        type=float,
+        default=0.5,
+        help="mean of the standard normal input features; above 1, contiguous instance norm "
+        "(and CIN, AdaIN) takes its precise path",
+    )
     parser.add_argument("--memory", action="store_true", help="measure peak fwd+bwd memory")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument(
@@ -379,7 +395,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     title = (
         f"stylenorm benchmarks, {datetime.date.today()}, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
-        f"{allocator}"
+        f"{allocator}, input mean {args.offset:g}"
     )
     if "cuda" in devices and torch.cuda.is_available():
         title += f", {torch.cuda.get_device_name()}"
@@ -463,7 +479,7 @@ def _bench_one(
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     dtype = getattr(torch, dtype_name)
-    x = make_input(shape, layout, dtype, device)
+    x = make_input(shape, layout, dtype, device, args.offset)
     case = make_case(op, x)
     clone_s = _median_seconds(lambda: x.clone(), min_run_time)
     key = (device, op, "x".join(map(str, shape)), layout, dtype_name)
@@ -486,8 +502,9 @@ def _bench_one(
             )
             row = _row(key, backward, ours_s, base_s, clone_s, base_name)
             if args.memory and backward and base_name == case.baseline_name:
-                ours_mb = peak_memory(op, "ours", shape, layout, dtype_name, device)
-                base_mb = peak_memory(op, "baseline", shape, layout, dtype_name, device)
+                where = (shape, layout, dtype_name, device, args.offset)
+                ours_mb = peak_memory(op, "ours", *where)
+                base_mb = peak_memory(op, "baseline", *where)
                 row.update(
                     ours_peak_mib=ours_mb,
                     baseline_peak_mib=base_mb,

@@ -42,7 +42,7 @@ def test_steady_allocator_is_set_and_named(tmp_path: Path) -> None:
     args = ["--quick", "--ops", "mean_std", "--layouts", "contiguous", "--dtypes", "float32"]
     subprocess.run([sys.executable, str(SUITE), *args, "--json", str(out)], check=True)
     header = json.loads(out.read_text())["header"]
-    assert header.endswith("glibc no-trim, mmap threshold 32 MiB")
+    assert header.endswith("glibc no-trim, mmap threshold 32 MiB, input mean 0.5")
 
 
 def _load(name: str, path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]

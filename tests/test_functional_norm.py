@@ -558,21 +558,30 @@ def _instance_norm_formula(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) ->
     return (x - mean) / torch.sqrt(var + 1e-5) * w.view(view) + b.view(view)
 
 
-@pytest.mark.parametrize("offset", [30.0, 1e3, 1e4])
+# Half precision only where its spacing at the mean (eps * mean) leaves the unit spread visible.
+LARGE_MEANS = [(torch.float32, 30.0), (torch.float32, 1e3), (torch.float32, 1e4)] + [
+    (torch.bfloat16, 30.0),
+    (torch.float16, 30.0),
+    (torch.float16, 1e3),
+]
+
+
+@pytest.mark.parametrize(("dtype", "offset"), LARGE_MEANS, ids=str)
 @pytest.mark.parametrize("path", ["small", "function"])
 def test_contiguous_instance_norm_as_precise_as_torch_at_large_mean(
-    offset: float, path: str, monkeypatch: pytest.MonkeyPatch
+    offset: float, path: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ):
-    # Output and gradients of float32 contiguous instance norm on features whose mean dwarfs
-    # their spread, against float64 of the same values: no worse than torch.nn's own float32
-    # error (the group-norm kernel's gradient is 10x-30x worse here, its 1/sigma too above 1e3).
+    # Output and gradients of contiguous instance norm on features whose mean dwarfs their
+    # spread, against float64 of the same values: no worse than torch.nn's own error in the
+    # same dtype (in float32 the group-norm kernel's gradient is 10x-30x worse here, its 1/sigma
+    # too above 1e3). Parameters in the input's dtype.
     monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 1 << 40 if path == "small" else 0)
     gen = torch.Generator().manual_seed(int(offset))
     shape = (3, 8, 24, 24)
     signs = torch.randn(shape[0], shape[1], 1, 1, generator=gen).sign()
-    x = (offset * signs + torch.randn(shape, generator=gen)).float()
-    weight, bias = (t.float() for t in _affine(shape[1], 2))
-    grad = torch.randn(shape, generator=gen)
+    x = (offset * signs + torch.randn(shape, generator=gen)).to(dtype)
+    weight, bias = (t.to(dtype) for t in _affine(shape[1], 2))
+    grad = torch.randn(shape, generator=gen).to(dtype)
     refs = [x.double().requires_grad_(), weight.double().requires_grad_(), bias.double()]
     refs[2].requires_grad_()
     expected_y = _instance_norm_formula(*refs)

@@ -261,15 +261,18 @@ class _ContiguousNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
+        acc = stats.compute_dtype(x.dtype)
         y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
+        # Half inputs: statistics (and below, parameters) in float32, which torch's batch-norm
+        # kernels take with a half input.
+        mean, rstd = mean.to(acc), rstd.to(acc)
         if stats._needs_refining(mean, rstd, x):
             n, c = x.shape[0], x.shape[1]
             flat = x.view(1, n * c, -1)
-            rows = flat[0].to(stats.compute_dtype(x.dtype))
-            mean, var = stats._rows_refined_mean_var(rows, mean.reshape(n * c))
+            mean, var = stats._rows_refined_mean_var(flat[0].to(acc), mean.reshape(n * c))
             rstd = torch.rsqrt(var + eps).view(n, c)
-            weight = None if scale is None else scale.reshape(n * c).contiguous()
-            bias = None if shift is None else shift.reshape(n * c).contiguous()
+            weight = None if scale is None else scale.reshape(n * c).to(acc).contiguous()
+            bias = None if shift is None else shift.reshape(n * c).to(acc).contiguous()
             normed = torch.ops.aten.native_batch_norm(
                 flat, weight, bias, mean, var, False, 0.0, eps
             )
@@ -303,7 +306,7 @@ class _ContiguousNorm(torch.autograd.Function):
             # of a batch of one).
             grad.contiguous().view(1, n * c, -1),
             x.view(1, n * c, -1),
-            None if scale is None else scale.reshape(n * c).contiguous(),
+            None if scale is None else scale.reshape(n * c).to(mean.dtype).contiguous(),
             None,
             None,
             mean.view(n * c),
