@@ -559,7 +559,7 @@ def _instance_norm_formula(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) ->
 
 
 # Half precision only where its spacing at the mean (eps * mean) leaves the unit spread visible.
-LARGE_MEANS = [(torch.float32, 30.0), (torch.float32, 1e3), (torch.float32, 1e4)] + [
+LARGE_MEANS = [(torch.float32, m) for m in (3.0, 30.0, 1e3, 1e4)] + [
     (torch.bfloat16, 30.0),
     (torch.float16, 30.0),
     (torch.float16, 1e3),
@@ -600,3 +600,26 @@ def test_contiguous_instance_norm_as_precise_as_torch_at_large_mean(
     theirs = errors(lambda x, w, b: F.instance_norm(x, weight=w, bias=b))
     for name, e_ours, e_theirs in zip(("y", "x", "weight", "bias"), ours, theirs, strict=True):
         assert e_ours <= 2 * e_theirs + 1e-6, (name, e_ours, e_theirs)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 100.0])
+@pytest.mark.parametrize("path", ["small", "function"])
+def test_contiguous_instance_norm_output_takes_in_place_ops(
+    offset: float, path: str, monkeypatch: pytest.MonkeyPatch
+):
+    # ReLU(inplace=True) right after the norm, as in most style networks, on every contiguous
+    # path (group norm, the Function with and without refined statistics, torch.nn's way):
+    # gradients as float64 torch.nn's through the same in-place ReLU.
+    monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 1 << 40 if path == "small" else 0)
+    gen = torch.Generator().manual_seed(3)
+    x = offset + torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64)
+    weight, bias = _affine(3, 4)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (functional.instance_norm, F.instance_norm):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = fn(inputs[0], weight=inputs[1], bias=inputs[2])
+        y.relu_()
+        grads.append(torch.autograd.grad(y, inputs, grad))
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)

@@ -246,11 +246,12 @@ class _ContiguousNorm(torch.autograd.Function):
     for inputs with a large |mean| / std, where the group-norm kernel loses digits.
 
     ``y = (x - mu) * rsqrt(var + eps) * scale + shift`` with ``scale``/``shift`` of shape (N, C)
-    (or None). The forward pass is :func:`_group_norm_instances`; where some (sample, channel)
-    exceeds ``stats._REFINE_ABOVE_RATIO`` (the kernel's float32 1/sigma is off by 3e-6 at
-    |mean|/sigma = 1e3), the statistics are refined by a corrected two-pass and the output
-    recomputed by torch's batch-norm kernel in evaluation mode. Returns ``(y, mean, rstd)``,
-    the statistics ``(N, C)`` without gradient.
+    (or None). The forward pass takes the output and statistics that
+    :func:`_group_norm_instances` computed already (``y``, ``mean``, ``rstd``, without gradient)
+    and returns them; where some (sample, channel) exceeds ``stats._REFINE_ABOVE_RATIO`` (the
+    kernel's float32 1/sigma is off by 3e-6 at |mean|/sigma = 1e3), the statistics are refined
+    by a corrected two-pass and the output recomputed by torch's batch-norm kernel in evaluation
+    mode. Returns ``(y, mean, rstd)``, the statistics ``(N, C)`` in float32 for half inputs.
 
     The backward pass is the closed form of :class:`_ChannelsLastNorm`, computed by torch's
     batch-norm backward kernel on the ``(1, N*C, M)`` view from the saved statistics, as
@@ -259,33 +260,52 @@ class _ContiguousNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
+        x: Tensor,
+        scale: Tensor | None,
+        shift: Tensor | None,
+        eps: float,
+        y: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         acc = stats.compute_dtype(x.dtype)
-        y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
         # Half inputs: statistics (and below, parameters) in float32, which torch's batch-norm
-        # kernels take with a half input.
-        mean, rstd = mean.to(acc), rstd.to(acc)
-        if stats._needs_refining(mean, rstd, x):
+        # kernels take with a half input. Outputs are new tensors, not the inputs: autograd
+        # treats a returned input as a view, on which in-place ops (ReLU(inplace=True)) fail.
+        mean, rstd = mean.to(acc, copy=True), rstd.to(acc, copy=True)
+        if not stats._needs_refining(mean, rstd, x):
+            y = y.clone()
+        else:
             n, c = x.shape[0], x.shape[1]
             flat = x.view(1, n * c, -1)
             mean, var = stats._rows_refined_mean_var(flat[0].to(acc), mean.reshape(n * c))
             rstd = torch.rsqrt(var + eps).view(n, c)
             weight = None if scale is None else scale.reshape(n * c).to(acc).contiguous()
             bias = None if shift is None else shift.reshape(n * c).to(acc).contiguous()
-            normed = torch.ops.aten.native_batch_norm(
-                flat, weight, bias, mean, var, False, 0.0, eps
+            y = torch.empty_like(x)  # written through a view: the output itself is none
+            torch.ops.aten.native_batch_norm.out(
+                flat,
+                weight,
+                bias,
+                mean,
+                var,
+                False,
+                0.0,
+                eps,
+                out=y.view(flat.shape),
+                save_mean=mean.new_empty(0),
+                save_invstd=mean.new_empty(0),
             )
-            y, mean = normed[0].view(x.shape), mean.view(n, c)
+            mean = mean.view(n, c)
         return y, mean, rstd
 
     @staticmethod
     def setup_context(
         ctx: Any,
-        inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
+        inputs: tuple[Tensor, Tensor | None, Tensor | None, float, Tensor, Tensor, Tensor],
         output: tuple[Tensor, Tensor, Tensor],
     ) -> None:
-        x, scale, shift, eps = inputs
+        x, scale, shift, eps = inputs[:4]
         _, mean, rstd = output
         ctx.save_for_backward(x, scale, shift, mean, rstd)
         ctx.eps = eps
@@ -294,10 +314,10 @@ class _ContiguousNorm(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: Tensor, _grad_mean: Tensor | None, _grad_rstd: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    ) -> tuple[Tensor | None, ...]:
         x, scale, shift, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
-            return _instance_norm_double_backward(ctx, grad, x, scale, shift)
+            return (*_instance_norm_double_backward(ctx, grad, x, scale, shift), None, None, None)
         n, c = x.shape[0], x.shape[1]
         needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
         mask = [needs_x, scale is not None and needs_scale, shift is not None and needs_shift]
@@ -319,6 +339,9 @@ class _ContiguousNorm(torch.autograd.Function):
             grad_x.view(x.shape) if mask[0] else None,
             grad_scale.view(n, c) if mask[1] else None,  # sums of g * x_hat
             grad_shift.view(n, c) if mask[2] else None,  # sums of g
+            None,
+            None,
+            None,
             None,
         )
 
@@ -349,12 +372,13 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
         flat = x.view(1, n * c, -1)
         training = torch.batch_norm(flat, weight, bias, None, None, True, 0.0, eps, False)
         return training.view(x.shape)
+    first = (y.detach(), mean.detach(), rstd.detach())  # no second group-norm pass
     if recording:
         result: tuple[Tensor, Tensor, Tensor] = _ContiguousNorm.apply(
-            x, full_scale, full_shift, eps
+            x, full_scale, full_shift, eps, *first
         )  # type: ignore[no-untyped-call]
         return result[0]
-    return _ContiguousNorm.forward(x, full_scale, full_shift, eps)[0]
+    return _ContiguousNorm.forward(x, full_scale, full_shift, eps, *first)[0]
 
 
 # Below this many values per sample, the per-sample batch-norm backward calls cost more than
