@@ -520,15 +520,22 @@ def test_batch_norm_float32_against_float64_at_large_mean(offset: float):
 
 
 @pytest.mark.parametrize(
-    "which", ["instance_channels_last", "instance_contiguous_large_mean", "batch_contiguous"]
+    "which",
+    [
+        "instance_channels_last",
+        "instance_contiguous_3",
+        "instance_contiguous_40",
+        "batch_contiguous",
+    ],
 )
 def test_func_grad_of_custom_backward_paths(which: str, monkeypatch: pytest.MonkeyPatch):
-    # torch.func.grad needs autograd Functions with setup_context: every custom backward path.
+    # torch.func.grad needs autograd Functions with setup_context: every custom backward path
+    # (contiguous instance norm at mean 3 and at mean 40, which refines its statistics).
     monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 0)
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(3, 4, 5, 6, generator=gen, dtype=torch.float64)
-    if which == "instance_contiguous_large_mean":
-        x = x + 40.0
+    if which.startswith("instance_contiguous"):
+        x = x + float(which.rsplit("_", 1)[1])
     weight, bias = _affine(4, 9)
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     if which == "instance_channels_last":

@@ -215,8 +215,9 @@ _PRECISE_GRADIENT_ABOVE_RATIO = 1.0
 
 
 # Below this many values, the precise path takes torch.nn's batch norm of the (1, N*C, M) view
-# rather than :class:`_ContiguousNorm`: measured forward+backward at |mean|/std = 3, 124 us
-# against 260 us at 2^13 values, even at 2^18, 1.4x slower from 2^20 up.
+# rather than :class:`_ContiguousNorm`: measured forward+backward at |mean|/std = 3 (CPU, float32),
+# 123 us against 243 us at 2^13 values, 274 us against 301 us at 2^17, but 432 us against 351 us
+# at 2^18 and 3.3 ms against 1.8 ms at 2^21.
 _CONTIGUOUS_NORM_MIN_NUMEL = 1 << 18
 
 
@@ -247,11 +248,14 @@ class _ContiguousNorm(torch.autograd.Function):
 
     ``y = (x - mu) * rsqrt(var + eps) * scale + shift`` with ``scale``/``shift`` of shape (N, C)
     (or None). The forward pass takes the output and statistics that
-    :func:`_group_norm_instances` computed already (``y``, ``mean``, ``rstd``, without gradient)
-    and returns them; where some (sample, channel) exceeds ``stats._REFINE_ABOVE_RATIO`` (the
-    kernel's float32 1/sigma is off by 3e-6 at |mean|/sigma = 1e3), the statistics are refined
-    by a corrected two-pass and the output recomputed by torch's batch-norm kernel in evaluation
-    mode. Returns ``(y, mean, rstd)``, the statistics ``(N, C)`` in float32 for half inputs.
+    :func:`_group_norm_instances` computed already (``first``: ``y``, ``mean``, ``rstd``, without
+    gradient) and returns them. They come in a tuple, which autograd does not look into: a
+    tensor argument returned as an output would become a view, on which in-place ops (a
+    following ``ReLU(inplace=True)``) fail. Where some (sample, channel) exceeds
+    ``stats._REFINE_ABOVE_RATIO`` (the kernel's float32 1/sigma is off by 3e-6 at
+    |mean|/sigma = 1e3), the statistics are refined by a corrected two-pass and the output
+    recomputed by torch's batch-norm kernel in evaluation mode. Returns ``(y, mean, rstd)``,
+    the statistics ``(N, C)`` in float32 for half inputs.
 
     The backward pass is the closed form of :class:`_ChannelsLastNorm`, computed by torch's
     batch-norm backward kernel on the ``(1, N*C, M)`` view from the saved statistics, as
@@ -264,18 +268,14 @@ class _ContiguousNorm(torch.autograd.Function):
         scale: Tensor | None,
         shift: Tensor | None,
         eps: float,
-        y: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
+        first: tuple[Tensor, Tensor, Tensor],
     ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, rstd = first
         acc = stats.compute_dtype(x.dtype)
         # Half inputs: statistics (and below, parameters) in float32, which torch's batch-norm
-        # kernels take with a half input. Outputs are new tensors, not the inputs: autograd
-        # treats a returned input as a view, on which in-place ops (ReLU(inplace=True)) fail.
+        # kernels take with a half input; copies, as outputs must not alias the saved inputs.
         mean, rstd = mean.to(acc, copy=True), rstd.to(acc, copy=True)
-        if not stats._needs_refining(mean, rstd, x):
-            y = y.clone()
-        else:
+        if stats._needs_refining(mean, rstd, x):
             n, c = x.shape[0], x.shape[1]
             flat = x.view(1, n * c, -1)
             mean, var = stats._rows_refined_mean_var(flat[0].to(acc), mean.reshape(n * c))
@@ -302,7 +302,7 @@ class _ContiguousNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(
         ctx: Any,
-        inputs: tuple[Tensor, Tensor | None, Tensor | None, float, Tensor, Tensor, Tensor],
+        inputs: tuple[Tensor, Tensor | None, Tensor | None, float, tuple[Tensor, Tensor, Tensor]],
         output: tuple[Tensor, Tensor, Tensor],
     ) -> None:
         x, scale, shift, eps = inputs[:4]
@@ -317,7 +317,7 @@ class _ContiguousNorm(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, scale, shift, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
-            return (*_instance_norm_double_backward(ctx, grad, x, scale, shift), None, None, None)
+            return (*_instance_norm_double_backward(ctx, grad, x, scale, shift), None)
         n, c = x.shape[0], x.shape[1]
         needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
         mask = [needs_x, scale is not None and needs_scale, shift is not None and needs_shift]
@@ -339,8 +339,6 @@ class _ContiguousNorm(torch.autograd.Function):
             grad_x.view(x.shape) if mask[0] else None,
             grad_scale.view(n, c) if mask[1] else None,  # sums of g * x_hat
             grad_shift.view(n, c) if mask[2] else None,  # sums of g
-            None,
-            None,
             None,
             None,
         )
@@ -375,10 +373,10 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     first = (y.detach(), mean.detach(), rstd.detach())  # no second group-norm pass
     if recording:
         result: tuple[Tensor, Tensor, Tensor] = _ContiguousNorm.apply(
-            x, full_scale, full_shift, eps, *first
+            x, full_scale, full_shift, eps, first
         )  # type: ignore[no-untyped-call]
         return result[0]
-    return _ContiguousNorm.forward(x, full_scale, full_shift, eps, *first)[0]
+    return _ContiguousNorm.forward(x, full_scale, full_shift, eps, first)[0]
 
 
 # Below this many values per sample, the per-sample batch-norm backward calls cost more than
