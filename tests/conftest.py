@@ -1,7 +1,8 @@
 """Shared fixtures.
 
-stylenorm picks its own kernels (blockwise channels-last statistics, the batch-norm fast path)
-only above a size where they beat torch's; below it, torch's kernels run. Test inputs are small,
+stylenorm picks its own kernels (blockwise channels-last statistics, the batch-norm fast path,
+the precise contiguous instance norm's autograd Function) only above a size where they beat
+torch's; below it, torch's kernels run. Test inputs are small,
 so every test of the normalization and statistics modules runs twice: with the size thresholds
 as shipped (small inputs take torch's kernels) and with them at zero (every input takes
 stylenorm's own kernels, as a large one would).
@@ -32,6 +33,7 @@ _THRESHOLDS = (
     (stats, "_BLOCKWISE_MIN_CHANNELS"),
     (functional, "_BATCH_NORM_FAST_PATH_MIN_NUMEL"),
     (functional, "_BATCH_NORM_FAST_PATH_MIN_POSITIONS"),
+    (functional, "_CONTIGUOUS_NORM_MIN_NUMEL"),
 )
 
 
