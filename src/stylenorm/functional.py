@@ -1603,6 +1603,15 @@ class _Gram(torch.autograd.Function):
         return (grad_features if ctx.scale == 1.0 else grad_features * ctx.scale), None
 
 
+def _gram(features: Tensor, scale: float) -> Tensor:
+    """:class:`_Gram` of ``(N, C, M)`` features, its forward run directly where no gradient is
+    recorded."""
+    if not _recording(features):
+        return _scaled_gram(features, scale)
+    gram: Tensor = _Gram.apply(features, scale)  # type: ignore[no-untyped-call]
+    return gram
+
+
 def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) -> Tensor:
     """Unvalidated Gram matrices of ``x`` in the compute dtype; ``weights`` is ``(N|1, 1, M)``."""
     features = _loss_features(x)
@@ -1613,11 +1622,13 @@ def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) 
     if weights is None:
         count = float(features.shape[-1])
         scale = {"none": 1.0, "hw": 1.0 / count}.get(normalize, 1.0 / (count * x.shape[1]))
-        if not _recording(features):
-            return _scaled_gram(features, scale)
-        gram: Tensor = _Gram.apply(features, scale)  # type: ignore[no-untyped-call]
-        return gram
-    gram = torch.bmm(features * weights, features.mT)
+        return _gram(features, scale)
+    if weights.requires_grad:  # a soft mask learned: its gradient through sqrt(w) is infinite at 0
+        gram = torch.bmm(features * weights, features.mT)
+    else:
+        # F diag(w) F^T = (F sqrt(w)) (F sqrt(w))^T: the symmetric product, blocked forward and
+        # one-matmul backward in the features' layout.
+        gram = _gram(features * weights.sqrt(), 1.0)
     if normalize == "none":
         return gram
     total = weights.sum(-1, keepdim=True)
