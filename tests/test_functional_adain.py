@@ -616,3 +616,78 @@ def test_large_mean_small_std_float32(layout: str, alpha: float) -> None:
     out = adain(content, style, alpha=alpha)
     expected = reference.adain(content.double().numpy(), style.double().numpy(), alpha=alpha)
     np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-2, atol=1e-2)
+
+
+def _plain_regions_adain(
+    x: torch.Tensor, styles: list[torch.Tensor], masks: list[torch.Tensor]
+) -> torch.Tensor:
+    """Masked AdaIN written out (alpha = 1): each region's content statistics under its mask,
+    its style's over the whole style image."""
+    out = x
+    for style, m in zip(styles, masks, strict=True):
+        mean_s = style.mean((2, 3), keepdim=True)
+        std_s = torch.sqrt((style - mean_s).square().mean((2, 3), keepdim=True) + 1e-5)
+        total = m.sum((2, 3), keepdim=True)
+        mean = (x * m).sum((2, 3), keepdim=True) / total
+        var = ((x - mean).square() * m).sum((2, 3), keepdim=True) / total
+        y = (x - mean) / torch.sqrt(var + 1e-5) * std_s + mean_s
+        out = out + m * (y - x)
+    return out
+
+
+@pytest.mark.parametrize("offset", [30.0, 1e3, 1e4])
+@pytest.mark.parametrize("regions", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_masked_gradients_at_large_mean_as_precise_as_plain_formula(
+    offset: float, regions: int, layout: str
+) -> None:
+    # Masked AdaIN (one mask, or two regions) on float32 content whose mean dwarfs its spread:
+    # output and input gradient no further from float64 than the plain formula's in float32,
+    # and the output keeps the content's layout.
+    gen = torch.Generator().manual_seed(4)
+    x = (offset + torch.randn(2, 16, 32, 32, generator=gen)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    left = torch.zeros(2, 1, 32, 32)
+    left[..., :20] = 1.0
+    masks = [left, 1.0 - left][:regions]
+    styles = [3.0 * torch.randn(1, 16, 8, 8, generator=gen) + 1.0 for _ in masks]
+    grad = torch.randn(x.shape, generator=gen)
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        if regions == 1:
+            return adain(x, styles[0], content_mask=left)
+        return adain_regions(x, list(zip(styles, masks, strict=True)))
+
+    def result(fn: Any, dtype: torch.dtype) -> list[torch.Tensor]:
+        xs = x.to(dtype).requires_grad_()
+        y = fn(xs)
+        return [t.detach().double() for t in (y, *torch.autograd.grad(y, xs, grad.to(dtype)))]
+
+    double = ([t.double() for t in styles], [m.double() for m in masks])
+    expected = result(lambda x: _plain_regions_adain(x, *double), torch.float64)
+    got = result(ours, torch.float32)
+    plain = result(lambda x: _plain_regions_adain(x, styles, masks), torch.float32)
+    for name, o, p, e in zip(("y", "x"), got, plain, expected, strict=True):
+        scale = float(e.abs().max())
+        e_ours, e_plain = float((o - e).abs().max()) / scale, float((p - e).abs().max()) / scale
+        assert e_ours <= 2 * e_plain + 1e-6, (name, e_ours, e_plain)
+    out = ours(x)
+    assert out.is_contiguous(memory_format=stats._memory_format(x))
+
+
+def test_gradcheck_term_by_term_path_at_large_mean() -> None:
+    # A content mean 50 times its spread applies the styles term by term on x - mu.
+    gen = torch.Generator().manual_seed(12)
+    content = (50.0 + torch.randn(2, 3, 4, 5, generator=gen, dtype=F64)).requires_grad_()
+    style = torch.randn(1, 3, 4, 4, generator=gen, dtype=F64).requires_grad_()
+    mask = 0.2 + 0.8 * torch.rand(2, 1, 4, 5, generator=gen, dtype=F64)  # soft, in (0.2, 1)
+    alpha = torch.tensor([0.3, 1.0], dtype=F64)
+    mean_c, var_c = stats.mean_var(content.detach())
+    assert stats._needs_refining(mean_c, torch.rsqrt(var_c), content)
+
+    def fn(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return adain(c, s, content_mask=mask, alpha=alpha)
+
+    assert gradcheck(fn, (content, style))
+    assert gradgradcheck(fn, (content, style))
