@@ -691,3 +691,17 @@ def test_gradcheck_term_by_term_path_at_large_mean() -> None:
 
     assert gradcheck(fn, (content, style))
     assert gradgradcheck(fn, (content, style))
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_vmap_over_content_masks(offset: float) -> None:
+    # Batched masks give batched content statistics, whose values cannot be read to choose a
+    # path: vmap equals the loop at a small and at a large content mean.
+    gen = torch.Generator().manual_seed(18)
+    content = offset + torch.randn(2, 3, 6, 5, generator=gen, dtype=F64)
+    style = torch.randn(1, 3, 4, 4, generator=gen, dtype=F64)
+    masks = (torch.rand(4, 2, 1, 6, 5, generator=gen) < 0.7).double()
+    masks[..., :2, :2] = 1.0
+    looped = torch.stack([adain(content, style, content_mask=m) for m in masks])
+    batched = torch.func.vmap(lambda m: adain(content, style, content_mask=m))(masks)
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-10)

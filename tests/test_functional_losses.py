@@ -424,6 +424,26 @@ def test_masked_gram_in_blocks_in_both_layouts(mask_kind: str) -> None:
     torch.testing.assert_close(torch.func.vmap(lambda a: gram_loss(a, y, mask=mask))(xs), looped)
 
 
+def test_masked_gram_forward_mode_derivative_in_the_mask() -> None:
+    """A binary mask's tangent: the product as written (sqrt(w) has an infinite derivative at
+    w = 0), equal to the derivative of the formula."""
+    gen = torch.Generator().manual_seed(19)
+    x = _randn((2, 3, 4, 5), gen)
+    mask = (torch.rand(2, 1, 4, 5, generator=gen) < 0.5).double()
+    mask[..., 0, :2] = 1.0
+    tangent = _randn(mask.shape, gen)
+
+    def formula(m: torch.Tensor) -> torch.Tensor:
+        f = x.reshape(2, 3, -1)
+        w = m.reshape(2, 1, -1)
+        return torch.bmm(f * w, f.mT) / w.sum(-1, keepdim=True)
+
+    _, ours = torch.func.jvp(lambda m: gram_matrix(x, normalize="hw", mask=m), (mask,), (tangent,))
+    _, expected = torch.func.jvp(formula, (mask,), (tangent,))
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_constant_features_give_finite_losses_and_gradients() -> None:
     x = torch.full((2, 3, 4, 4), 0.7, dtype=torch.float64, requires_grad=True)
     y = torch.full((1, 3, 4, 4), -1.5, dtype=torch.float64)

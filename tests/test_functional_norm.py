@@ -630,3 +630,63 @@ def test_contiguous_instance_norm_output_takes_in_place_ops(
         grads.append(torch.autograd.grad(y, inputs, grad))
     for ours, theirs in zip(*grads, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 50.0])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_torch_func_transforms_of_instance_norm(
+    offset: float, layout: str, monkeypatch: pytest.MonkeyPatch
+):
+    # grad, jacrev, jacfwd, hessian and vmap with respect to the weight, on every path (the
+    # precise and channels_last Functions in plain autograd, torch's own kernels under the
+    # transforms), against eager autograd of the same function.
+    monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 0)
+    gen = torch.Generator().manual_seed(14)
+    x = offset + torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = _affine(4, 15)
+
+    def per_channel(w: torch.Tensor) -> torch.Tensor:
+        return functional.instance_norm(x, weight=w, bias=bias).square().sum((0, 2, 3))
+
+    def cubed(w: torch.Tensor) -> torch.Tensor:
+        return functional.instance_norm(x, weight=w, bias=bias).pow(3).sum()
+
+    w = weight.clone().requires_grad_()
+    outputs = per_channel(w)
+    jacobian = torch.stack([torch.autograd.grad(o, w, retain_graph=True)[0] for o in outputs])
+    (first,) = torch.autograd.grad(cubed(w), w, create_graph=True)
+    hessian = torch.stack([torch.autograd.grad(g, w, retain_graph=True)[0] for g in first])
+    close = {"rtol": 1e-9, "atol": 1e-9}
+    torch.testing.assert_close(torch.func.grad(cubed)(weight), first.detach(), **close)
+    torch.testing.assert_close(torch.func.jacrev(per_channel)(weight), jacobian, **close)
+    torch.testing.assert_close(torch.func.jacfwd(per_channel)(weight), jacobian, **close)
+    torch.testing.assert_close(torch.func.hessian(cubed)(weight), hessian, **close)
+    weights = torch.stack([weight, 2.0 * weight])
+    looped = torch.stack([functional.instance_norm(x, weight=v, bias=bias) for v in weights])
+    batched = torch.func.vmap(lambda v: functional.instance_norm(x, weight=v, bias=bias))(weights)
+    torch.testing.assert_close(batched, looped, **close)
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_strided_and_expanded_affine_parameters(offset: float, monkeypatch: pytest.MonkeyPatch):
+    # torch's kernels read parameters as raw buffers: strided views and expanded scalars must
+    # give the numbers and gradients of contiguous copies (float64 torch.nn as reference).
+    monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 0)
+    gen = torch.Generator().manual_seed(16)
+    x = offset + torch.randn(3, 4, 5, 6, generator=gen, dtype=torch.float64)
+    table = torch.randn(4, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    scalar = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    for weight, bias in ((table[:, 0], table[:, 2]), (scalar.expand(4), table[:, 1])):
+        expected = F.instance_norm(x, weight=weight, bias=bias)
+        wanted = torch.autograd.grad(expected, (table, scalar), grad, allow_unused=True)
+        got = functional.instance_norm(x, weight=weight, bias=bias)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for ours, theirs in zip(
+            torch.autograd.grad(got, (table, scalar), grad, allow_unused=True), wanted, strict=True
+        ):
+            assert (ours is None) == (theirs is None)
+            if ours is not None:
+                torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)

@@ -65,9 +65,9 @@ def _update_running_stats(
 
 
 def _in_layout(t: Tensor, layout: torch.memory_format) -> Tensor:
-    """``t`` in the memory format of the input it was computed from (under vmap, which hides
-    layouts, as it is)."""
-    if layout == torch.contiguous_format or stats._is_vmapped(t):
+    """``t`` in the memory format of the input it was computed from (under torch.func
+    transforms, whose batched tangents and vmap hide layouts, as it is)."""
+    if layout == torch.contiguous_format or not _plain_autograd(t):
         return t
     return t.contiguous(memory_format=layout)
 
@@ -221,6 +221,37 @@ _PRECISE_GRADIENT_ABOVE_RATIO = 1.0
 _CONTIGUOUS_NORM_MIN_NUMEL = 1 << 18
 
 
+def _per_instance(
+    t: Tensor | None, n: int, c: int, dtype: torch.dtype | None = None
+) -> Tensor | None:
+    """A ``(C,)`` or ``(N, C)`` parameter as the contiguous ``(N * C,)`` vector (in ``dtype``)
+    that torch's kernels read for the ``(1, N*C, M)`` view: they take the raw buffer, so an
+    expanded or strided parameter must be copied."""
+    if t is None:
+        return None
+    return t.expand(n, c).reshape(n * c).to(dtype or t.dtype).contiguous()
+
+
+def _plain_autograd(*tensors: Tensor | None) -> bool:
+    """Whether no ``torch.func`` transform (grad, vjp, jacrev, vmap, jvp) wraps these tensors
+    and none carries a forward-mode tangent. Only then do the precise paths run their
+    ``autograd.Function`` (no forward-mode rule; recomputation under transforms) and ``out=``
+    kernels; otherwise torch's own differentiable kernels stand. Under torch.compile, which
+    traces the transforms itself and not these queries, True (the callers' other conditions
+    keep the compiled graph on torch's kernels)."""
+    if stats._is_compiling():
+        return True
+    functorch = torch._C._functorch
+    return not any(
+        t is not None
+        and (
+            functorch.is_functorch_wrapped_tensor(t)
+            or torch.autograd.forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+        )
+        for t in tensors
+    )
+
+
 def _group_norm_instances(
     x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,12 +261,13 @@ def _group_norm_instances(
     n, c = x.shape[0], x.shape[1]
     m = stats._num_positions(x)
     if (scale is None or scale.dim() == 1) and (shift is None or shift.dim() == 1):
-        y, mean, rstd = torch.native_group_norm(x, scale, shift, n, c, m, c, eps)
+        # The kernel reads the parameters' raw buffers: contiguous (a strided view may not be).
+        weight = None if scale is None else scale.contiguous()
+        bias = None if shift is None else shift.contiguous()
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, m, c, eps)
         return y, mean, rstd
     # Per-sample parameters: the (1, N*C, M) view, whose groups are the (sample, channel) pairs.
-    # The kernel reads the parameters as contiguous vectors (an expanded one may not be).
-    weight = None if scale is None else scale.expand(n, c).reshape(n * c).contiguous()
-    bias = None if shift is None else shift.expand(n, c).reshape(n * c).contiguous()
+    weight, bias = _per_instance(scale, n, c), _per_instance(shift, n, c)
     y, mean, rstd = torch.native_group_norm(
         x.view(1, n * c, m), weight, bias, 1, n * c, m, n * c, eps
     )
@@ -280,8 +312,7 @@ class _ContiguousNorm(torch.autograd.Function):
             flat = x.view(1, n * c, -1)
             mean, var = stats._rows_refined_mean_var(flat[0].to(acc), mean.reshape(n * c))
             rstd = torch.rsqrt(var + eps).view(n, c)
-            weight = None if scale is None else scale.reshape(n * c).to(acc).contiguous()
-            bias = None if shift is None else shift.reshape(n * c).to(acc).contiguous()
+            weight, bias = _per_instance(scale, n, c, acc), _per_instance(shift, n, c, acc)
             y = torch.empty_like(x)  # written through a view: the output itself is none
             torch.ops.aten.native_batch_norm.out(
                 flat,
@@ -326,7 +357,7 @@ class _ContiguousNorm(torch.autograd.Function):
             # of a batch of one).
             grad.contiguous().view(1, n * c, -1),
             x.view(1, n * c, -1),
-            None if scale is None else scale.reshape(n * c).to(mean.dtype).contiguous(),
+            _per_instance(scale, n, c, mean.dtype),
             None,
             None,
             mean.view(n * c),
@@ -357,7 +388,9 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     recording = _recording(x, scale, shift)
     y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
     bound = _PRECISE_GRADIENT_ABOVE_RATIO if recording else stats._REFINE_ABOVE_RATIO
-    if not stats._needs_refining(mean.detach(), rstd.detach(), x, bound):
+    if not stats._needs_refining(mean.detach(), rstd.detach(), x, bound) or not _plain_autograd(
+        x, scale, shift
+    ):
         return y
     n, c = x.shape[0], x.shape[1]
     full_scale = None if scale is None else scale.expand(n, c)
@@ -365,8 +398,7 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     if recording and x.numel() < _CONTIGUOUS_NORM_MIN_NUMEL:
         # Small: torch.nn's own way, batch norm of the (1, N*C, M) view (the Function's fixed
         # cost in Python is more than it saves here).
-        weight = None if full_scale is None else full_scale.reshape(n * c)
-        bias = None if full_shift is None else full_shift.reshape(n * c)
+        weight, bias = _per_instance(scale, n, c), _per_instance(shift, n, c)
         flat = x.view(1, n * c, -1)
         training = torch.batch_norm(flat, weight, bias, None, None, True, 0.0, eps, False)
         return training.view(x.shape)
@@ -534,8 +566,10 @@ def instance_norm(
             input, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
     tracking = running_mean is not None or running_var is not None
-    if stats._blockwise_channels_last(input, weight, bias) and _kernel_dtypes_match(
-        input, weight, bias
+    if (
+        stats._blockwise_channels_last(input, weight, bias)
+        and _kernel_dtypes_match(input, weight, bias)
+        and _plain_autograd(input, weight, bias)
     ):
         # channels_last: statistics on the channels-last view of the same memory and one fused
         # scale-and-shift pass, no transposing copy; the output keeps channels_last (torch's
@@ -557,8 +591,9 @@ def instance_norm(
             mean, var = stats._mean_var(input.detach(), 1.0, None)
         _update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum)
     # One group per (sample, channel) is instance norm: a single fused pass, with correct
-    # gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient). A
-    # (small) channels_last input is normalized contiguous and keeps its layout.
+    # gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient), and
+    # torch.nn's precision where |mean|/std is large (:func:`_contiguous_norm`). A (small)
+    # channels_last input is normalized contiguous and keeps its layout.
     out = _contiguous_norm(input, weight, bias, eps)
     return _in_layout(out, stats._memory_format(input))
 
@@ -751,7 +786,8 @@ def _style_keepdim(t: Tensor, rank: int) -> Tensor:
 
 
 def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
-    r"""``(x - \mu_{nc}) / \sqrt{\sigma^2_{nc} + \epsilon} \cdot scale + shift`` in one fused pass.
+    r"""``(x - \mu_{nc}) / \sqrt{\sigma^2_{nc} + \epsilon} \cdot scale + shift``, usually in
+    one fused pass (:func:`_contiguous_norm`, :class:`_ChannelsLastNorm`).
 
     ``scale`` and ``shift`` are ``(C,)`` (shared by the batch) or ``(N, C)`` (per sample), in the
     statistics' compute dtype (float32 weights with a half input are fine for the kernel).
@@ -763,7 +799,9 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     # The group-norm kernel refuses one value per group; the statistics path gives y = shift.
     single_position = all(size == 1 for size in x.shape[2:])
     if layout != torch.contiguous_format and not single_position:
-        if not stats._blockwise_channels_last(x, scale, shift):  # small: contiguous, same layout
+        if not stats._blockwise_channels_last(x, scale, shift) or not _plain_autograd(
+            x, scale, shift
+        ):  # small, or under a torch.func transform: contiguous, same layout
             return _in_layout(_cin_normalize(x.contiguous(), scale, shift, eps), layout)
         # Stable statistics and one scale-and-shift pass on the channels-last view, with a
         # closed-form backward; the output keeps channels_last. (torch's channels_last CPU
@@ -897,9 +935,11 @@ def conditional_instance_norm(
     Only the selected rows (rows with a non-zero mixing weight) receive a non-zero gradient. Ids
     are checked before anything is computed: an id outside ``[0, S)`` raises ``IndexError``.
 
-    Computed as one fused group-norm pass (the batch viewed as ``N*C`` groups); large
-    channels_last input takes one blockwise statistics pass and one scale-and-shift pass on its
-    own layout instead, and channels_last input gives channels_last output.
+    Computed as one fused group-norm pass (the batch viewed as ``N*C`` groups), with a
+    precise backward (and, above |mean|/std = 30, refined statistics) where some |mean|/std
+    exceeds 1; large channels_last input takes one blockwise statistics pass and one
+    scale-and-shift pass on its own layout instead, and channels_last input gives channels_last
+    output.
 
     Args:
         input: features ``(N, C, *spatial)``.
@@ -1251,7 +1291,8 @@ def adain(
 
     Gradients flow to the content, the style, the precomputed statistics, the interpolation
     weights, a soft mask and a tensor ``alpha``, to any order. Without masks, spatial maps or
-    ``correction``, this is one fused group-norm pass (plus one ``add`` when ``alpha != 1``).
+    ``correction``, this is one fused group-norm pass (plus one ``add`` when ``alpha != 1``),
+    with the precise backward of :func:`instance_norm` at large content means.
 
     Args:
         content: content features ``(N, C, *spatial)``.
@@ -1648,7 +1689,10 @@ def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) 
         count = float(features.shape[-1])
         scale = {"none": 1.0, "hw": 1.0 / count}.get(normalize, 1.0 / (count * x.shape[1]))
         return _gram(features, scale)
-    if weights.requires_grad:  # a soft mask learned: its gradient through sqrt(w) is infinite at 0
+    if weights.requires_grad or not _plain_autograd(weights) or stats._is_compiling():
+        # A mask with a gradient (sqrt(w) has an infinite derivative at 0), under a torch.func
+        # transform (vmap, forward-mode tangents) or compile (where negative weights are not
+        # rejected): the product as written.
         gram = torch.bmm(features * weights, features.mT)
     else:
         # F diag(w) F^T = (F sqrt(w)) (F sqrt(w))^T: the symmetric product, blocked forward and

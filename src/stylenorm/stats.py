@@ -309,9 +309,10 @@ def _needs_refining(
     mean: Tensor, rstd: Tensor, x: Tensor, bound: float = _REFINE_ABOVE_RATIO
 ) -> bool:
     """Whether some (sample, channel) of contiguous CPU ``x`` has ``|mean| * rstd`` above
-    ``bound`` (constant channels, rstd = inf, excepted). Not under compile or vmap, which cannot
-    branch on values, nor on other devices, where the check would synchronize."""
-    if x.device.type != "cpu" or _is_compiling() or _is_vmapped(x):
+    ``bound`` (constant channels, rstd = inf, excepted). Not under compile or vmap (of ``x``, or
+    of the parameters or masks the statistics came from), which cannot branch on values, nor
+    on other devices, where the check would synchronize."""
+    if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
         return False
     ratio = (mean.abs() * rstd).nan_to_num_(0.0, 0.0, 0.0)
     return bool(ratio.numel() and float(ratio.amax()) > bound)
