@@ -383,7 +383,8 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     and gradient do not lose digits there. The bound is
     ``_PRECISE_GRADIENT_ABOVE_RATIO`` where a gradient is recorded, and
     ``stats._REFINE_ABOVE_RATIO`` (where the forward's 1/sigma starts to lose digits) where not.
-    Under vmap and torch.compile, which cannot branch on values, the group norm stands."""
+    Under torch.func transforms (:func:`_plain_autograd`) and torch.compile, which cannot branch
+    on values, the group norm stands."""
     x = x.contiguous()
     recording = _recording(x, scale, shift)
     y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
@@ -393,8 +394,6 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     ):
         return y
     n, c = x.shape[0], x.shape[1]
-    full_scale = None if scale is None else scale.expand(n, c)
-    full_shift = None if shift is None else shift.expand(n, c)
     if recording and x.numel() < _CONTIGUOUS_NORM_MIN_NUMEL:
         # Small: torch.nn's own way, batch norm of the (1, N*C, M) view (the Function's fixed
         # cost in Python is more than it saves here).
@@ -402,6 +401,8 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
         flat = x.view(1, n * c, -1)
         training = torch.batch_norm(flat, weight, bias, None, None, True, 0.0, eps, False)
         return training.view(x.shape)
+    full_scale = None if scale is None else scale.expand(n, c)
+    full_shift = None if shift is None else shift.expand(n, c)
     first = (y.detach(), mean.detach(), rstd.detach())  # no second group-norm pass
     if recording:
         result: tuple[Tensor, Tensor, Tensor] = _ContiguousNorm.apply(
