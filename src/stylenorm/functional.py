@@ -283,8 +283,8 @@ class _ContiguousNorm(torch.autograd.Function):
     :func:`_group_norm_instances` computed already (``first``: ``y``, ``mean``, ``rstd``, without
     gradient) and returns them. They come in a tuple, which autograd does not look into: a
     tensor argument returned as an output would become a view, on which in-place ops (a
-    following ``ReLU(inplace=True)``) fail. Where some (sample, channel) exceeds
-    ``stats._REFINE_ABOVE_RATIO`` (the kernel's float32 1/sigma is off by 3e-6 at
+    following ``ReLU(inplace=True)``) fail. With ``refine`` (some (sample, channel) above
+    ``stats._REFINE_ABOVE_RATIO``, where the kernel's float32 1/sigma is off by 3e-6 at
     |mean|/sigma = 1e3), the statistics are refined by a corrected two-pass and the output
     recomputed by torch's batch-norm kernel in evaluation mode. Returns ``(y, mean, rstd)``,
     the statistics ``(N, C)`` in float32 for half inputs.
@@ -301,13 +301,14 @@ class _ContiguousNorm(torch.autograd.Function):
         shift: Tensor | None,
         eps: float,
         first: tuple[Tensor, Tensor, Tensor],
+        refine: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, rstd = first
         acc = stats.compute_dtype(x.dtype)
         # Half inputs: statistics (and below, parameters) in float32, which torch's batch-norm
         # kernels take with a half input; copies, as outputs must not alias the saved inputs.
         mean, rstd = mean.to(acc, copy=True), rstd.to(acc, copy=True)
-        if stats._needs_refining(mean, rstd, x):
+        if refine:
             n, c = x.shape[0], x.shape[1]
             flat = x.view(1, n * c, -1)
             mean, var = stats._rows_refined_mean_var(flat[0].to(acc), mean.reshape(n * c))
@@ -333,7 +334,9 @@ class _ContiguousNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(
         ctx: Any,
-        inputs: tuple[Tensor, Tensor | None, Tensor | None, float, tuple[Tensor, Tensor, Tensor]],
+        inputs: tuple[
+            Tensor, Tensor | None, Tensor | None, float, tuple[Tensor, Tensor, Tensor], bool
+        ],
         output: tuple[Tensor, Tensor, Tensor],
     ) -> None:
         x, scale, shift, eps = inputs[:4]
@@ -348,7 +351,7 @@ class _ContiguousNorm(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, scale, shift, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
-            return (*_instance_norm_double_backward(ctx, grad, x, scale, shift), None)
+            return (*_instance_norm_double_backward(ctx, grad, x, scale, shift), None, None)
         n, c = x.shape[0], x.shape[1]
         needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
         mask = [needs_x, scale is not None and needs_scale, shift is not None and needs_shift]
@@ -372,6 +375,7 @@ class _ContiguousNorm(torch.autograd.Function):
             grad_shift.view(n, c) if mask[2] else None,  # sums of g
             None,
             None,
+            None,
         )
 
 
@@ -389,9 +393,8 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     recording = _recording(x, scale, shift)
     y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
     bound = _PRECISE_GRADIENT_ABOVE_RATIO if recording else stats._REFINE_ABOVE_RATIO
-    if not stats._needs_refining(mean.detach(), rstd.detach(), x, bound) or not _plain_autograd(
-        x, scale, shift
-    ):
+    ratio = stats._largest_mean_to_std(mean.detach(), rstd.detach(), x)
+    if ratio <= bound or not _plain_autograd(x, scale, shift):
         return y
     n, c = x.shape[0], x.shape[1]
     if recording and x.numel() < _CONTIGUOUS_NORM_MIN_NUMEL:
@@ -404,12 +407,13 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     full_scale = None if scale is None else scale.expand(n, c)
     full_shift = None if shift is None else shift.expand(n, c)
     first = (y.detach(), mean.detach(), rstd.detach())  # no second group-norm pass
+    refine = ratio > stats._REFINE_ABOVE_RATIO
     if recording:
         result: tuple[Tensor, Tensor, Tensor] = _ContiguousNorm.apply(
-            x, full_scale, full_shift, eps, first
+            x, full_scale, full_shift, eps, first, refine
         )  # type: ignore[no-untyped-call]
         return result[0]
-    return _ContiguousNorm.forward(x, full_scale, full_shift, eps, first)[0]
+    return _ContiguousNorm.forward(x, full_scale, full_shift, eps, first, refine)[0]
 
 
 # Below this many values per sample, the per-sample batch-norm backward calls cost more than

@@ -305,17 +305,20 @@ def _batch_mean_var_contiguous(x: Tensor) -> tuple[Tensor, Tensor]:
 _REFINE_ABOVE_RATIO = 30.0
 
 
-def _needs_refining(
-    mean: Tensor, rstd: Tensor, x: Tensor, bound: float = _REFINE_ABOVE_RATIO
-) -> bool:
-    """Whether some (sample, channel) of contiguous CPU ``x`` has ``|mean| * rstd`` above
-    ``bound`` (constant channels, rstd = inf, excepted). Not under compile or vmap (of ``x``, or
-    of the parameters or masks the statistics came from), which cannot branch on values, nor
-    on other devices, where the check would synchronize."""
+def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor) -> float:
+    """The largest ``|mean| * rstd`` of the (sample, channel) statistics of contiguous CPU ``x``
+    (constant channels, rstd = inf, excepted); 0 where it cannot be read: under compile or vmap
+    (of ``x``, or of the parameters or masks the statistics came from), which cannot branch on
+    values, and on other devices, where reading it would synchronize."""
     if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
-        return False
+        return 0.0
     ratio = (mean.abs() * rstd).nan_to_num_(0.0, 0.0, 0.0)
-    return bool(ratio.numel() and float(ratio.amax()) > bound)
+    return float(ratio.amax()) if ratio.numel() else 0.0
+
+
+def _needs_refining(mean: Tensor, rstd: Tensor, x: Tensor) -> bool:
+    """Whether :func:`_largest_mean_to_std` exceeds ``_REFINE_ABOVE_RATIO``."""
+    return _largest_mean_to_std(mean, rstd, x) > _REFINE_ABOVE_RATIO
 
 
 def _rows_refined_mean_var(rows: Tensor, estimate: Tensor) -> tuple[Tensor, Tensor]:
