@@ -3,6 +3,7 @@ torch.nn.functional, with float64 gradcheck and gradgradcheck."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -415,17 +416,28 @@ def test_channels_last_instance_norm_unusual_strides_and_grads(dtype: torch.dtyp
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 3), (1, 2, 3, 3, 2), (3, 4, 2, 2)], ids=str)
-@pytest.mark.parametrize("per_sample_kernel", [True, False])
+@pytest.mark.parametrize("form", ["kernel", "centred", "folded"])
 def test_channels_last_backward_forms_gradcheck(
-    shape: tuple[int, ...], per_sample_kernel: bool, monkeypatch: pytest.MonkeyPatch
+    shape: tuple[int, ...], form: str, monkeypatch: pytest.MonkeyPatch
 ):
-    # The channels_last path's two backward forms (torch's batch-norm backward kernel per
-    # sample, and the batched closed form for small samples), each forced at a small size:
-    # float64 gradcheck and gradgradcheck with a shared affine map (instance norm) and with a
-    # per-sample one (conditional instance norm, AdaIN).
+    # The channels_last path's three backward forms (torch's batch-norm backward kernel per
+    # sample; the batched closed form on x - mean, for small samples; the batched form with the
+    # mean folded into constants, for small |mean| / std and more than one sample), each forced
+    # at a small size: float64 gradcheck and gradgradcheck with a shared affine map (instance
+    # norm) and with a per-sample one (conditional instance norm, AdaIN).
     monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
     monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
-    monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0 if per_sample_kernel else 1 << 40)
+    monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0 if form == "kernel" else 1 << 40)
+    bound = math.inf if form == "folded" else -1.0
+    monkeypatch.setattr(functional, "_PRECISE_GRADIENT_ABOVE_RATIO", bound)
+    forms = set()
+    batched = functional._channels_last_norm_backward_batched
+
+    def spy(*args: Any, centre: bool) -> Any:
+        forms.add(centre)
+        return batched(*args, centre=centre)
+
+    monkeypatch.setattr(functional, "_channels_last_norm_backward_batched", spy)
     gen = torch.Generator().manual_seed(17)
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     x = (1.5 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).contiguous(
@@ -448,6 +460,8 @@ def test_channels_last_backward_forms_gradcheck(
         assert inputs[0].is_contiguous(memory_format=fmt)
         assert gradcheck(fn, inputs)
         assert gradgradcheck(fn, inputs)
+    folded = form == "folded" and shape[0] > 1
+    assert forms == (set() if form == "kernel" else {not folded})
 
 
 def test_batch_norm_fast_path_is_taken_where_expected(kernels: str):
@@ -583,10 +597,40 @@ def test_contiguous_instance_norm_as_precise_as_torch_at_large_mean(
     # same dtype (in float32 the group-norm kernel's gradient is 10x-30x worse here, its 1/sigma
     # too above 1e3). Parameters in the input's dtype.
     monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 1 << 40 if path == "small" else 0)
+    _assert_as_precise_as_torch_nn(offset, dtype, torch.contiguous_format)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.9, 3.0, 30.0, 1e3, 1e4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channels_last_instance_norm_as_precise_as_torch_at_large_mean(
+    offset: float, batch: int, monkeypatch: pytest.MonkeyPatch
+):
+    # The same on the channels_last path, float32: up to |mean|/std = 1 a batch of more than one
+    # sample takes the backward with the mean folded into constants, above it (and for one
+    # sample) torch's batch-norm backward kernel; both must match torch.nn's error.
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
+    monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0)
+    forms = []
+    batched = functional._channels_last_norm_backward_batched
+
+    def spy(*args: Any, centre: bool) -> Any:
+        forms.append(centre)
+        return batched(*args, centre=centre)
+
+    monkeypatch.setattr(functional, "_channels_last_norm_backward_batched", spy)
+    _assert_as_precise_as_torch_nn(offset, torch.float32, torch.channels_last, batch)
+    assert forms == ([False] if batch > 1 and offset < 1 else [])
+
+
+def _assert_as_precise_as_torch_nn(
+    offset: float, dtype: torch.dtype, layout: torch.memory_format, batch: int = 3
+) -> None:
     gen = torch.Generator().manual_seed(int(offset))
-    shape = (3, 8, 24, 24)
+    shape = (batch, 8, 24, 24)
     signs = torch.randn(shape[0], shape[1], 1, 1, generator=gen).sign()
     x = (offset * signs + torch.randn(shape, generator=gen)).to(dtype)
+    x = x.contiguous(memory_format=layout)
     weight, bias = (t.to(dtype) for t in _affine(shape[1], 2))
     grad = torch.randn(shape, generator=gen).to(dtype)
     refs = [x.double().requires_grad_(), weight.double().requires_grad_(), bias.double()]
