@@ -100,7 +100,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
     error at 1e3), so ``(x - mean) * a + shift`` takes a pass more, and the mean is refined by a
     corrected pass (its 2-3 units in the last place would also cost the gradients 6x torch.nn's
     error at 1e3). Returns ``(y, mean, var, ratio)``, ratio the largest :math:`|\mu| / \sigma`
-    (:func:`stylenorm.stats._channels_last_mean_var`); the statistics are for running averages
+    (:func:`stylenorm.stats._positions_mean_var`); the statistics are for running averages
     and carry no gradient. The backward pass is the closed form (Ulyanov et al.'s instance norm
     derivative):
 
@@ -122,7 +122,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, float]:
-        mean, var, ratio = stats._channels_last_mean_var(x)
+        mean, var, ratio = stats._positions_mean_var(stats._positions(x))
         refine = ratio > stats._REFINE_ABOVE_RATIO  # False for NaN, where it cannot be read
         rstd = torch.rsqrt(var + eps)
         a = rstd if scale is None else rstd * scale

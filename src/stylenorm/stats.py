@@ -235,27 +235,28 @@ def _block_moments(chunk: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
     return mean.squeeze(1), centred.square_().sum(1)
 
 
-def _positions_mean_var(positions: Tensor, estimate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor, float]:
     r"""Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
-    compute dtype (float32 for half inputs).
+    compute dtype (float32 for half inputs), and the largest |mean| / std among them
+    (:func:`_largest_mean_to_std`; NaN where it cannot be read, so that every comparison with
+    it is False).
 
     The classic two-pass algorithm, which is stable on features with a large mean (no
-    E[x^2] - E[x]^2): first the mean, with torch's cascade summation over M (one read of the
-    data; half inputs are upcast block by block in a reused buffer instead of copied whole), then
-    the squares of ``x - mean`` summed block by block in a reused cache-sized buffer. All blocks
-    are centred on the one mean of the whole sample, so no merge formula is needed. A batch of
-    one or two is cut into runs of positions (:func:`_virtual_samples`) so that both threads
-    reduce.
+    E[x^2] - E[x]^2): first the mean, with torch's sum over M (one read of the data; half
+    inputs are upcast block by block in a reused buffer instead of copied whole), then the
+    squares of :math:`d = x - \tilde\mu` summed block by block in a reused cache-sized buffer.
+    All blocks are centred on the one mean of the whole sample, so no merge formula is needed.
+    A batch of one or two is cut into runs of positions (:func:`_virtual_samples`) so that both
+    threads reduce.
 
-    With ``estimate``, a first ``(N, C)`` mean (of this function), the mean pass is skipped and
-    the deviations are summed too: the corrected two-pass algorithm, whose mean is exact to
-    rounding where the first one (torch's sum over M, then a division) is 2-3 units in the last
-    place off, which :math:`x - \mu` carries into the output and gradients at large
-    :math:`|\mu| / \sigma`:
+    That first mean :math:`\tilde\mu` is 2-3 units in the last place off, which
+    :math:`x - \mu` carries into outputs and gradients at large |mean| / std. Where some
+    (sample, channel) exceeds ``_REFINE_ABOVE_RATIO``, a third pass sums the deviations: the
+    corrected two-pass algorithm,
 
     .. math::
 
-        d = x - \tilde\mu, \quad \mu = \tilde\mu + \frac{\sum d}{M}, \quad
+        \mu = \tilde\mu + \frac{\sum d}{M}, \quad
         \sigma^2 = \frac{\sum d^2}{M} - \Big(\frac{\sum d}{M}\Big)^2
     """
     acc = compute_dtype(positions.dtype)
@@ -268,9 +269,14 @@ def _positions_mean_var(positions: Tensor, estimate: Tensor | None = None) -> tu
     def merged(run_values: Tensor) -> Tensor:  # sums over the runs of each sample
         return run_values.view(n, parts, c).sum(1) if parts > 1 else run_values
 
-    if estimate is not None:
-        mean = estimate
-    elif positions.dtype == acc:
+    def centred_sums(square: bool) -> Tensor:  # sums of d, or of d^2, block by block
+        sums = torch.zeros((n * parts, c), dtype=acc, device=positions.device)
+        for chunk in chunks:
+            centred = _centred_into(chunk, run_mean, _workspace_for(work, chunk))
+            sums += (centred.square_() if square else centred).sum(1)
+        return merged(sums)
+
+    if positions.dtype == acc:
         mean = merged(runs.sum(1)) / m
     else:
         run_sums = torch.zeros((n * parts, c), dtype=acc, device=positions.device)
@@ -278,18 +284,13 @@ def _positions_mean_var(positions: Tensor, estimate: Tensor | None = None) -> tu
             run_sums += _workspace_for(work, chunk).copy_(chunk).sum(1)
         mean = merged(run_sums) / m
     run_mean = (mean.repeat_interleave(parts, 0) if parts > 1 else mean).unsqueeze(1)
-    run_sums_d = torch.zeros((n * parts, c), dtype=acc, device=positions.device)
-    run_sums_sq = torch.zeros_like(run_sums_d)
-    for chunk in chunks:
-        centred = _centred_into(chunk, run_mean, _workspace_for(work, chunk))
-        if estimate is not None:
-            run_sums_d += centred.sum(1)
-        run_sums_sq += centred.square_().sum(1)
-    if estimate is None:
-        return mean, merged(run_sums_sq) / m
-    shift = merged(run_sums_d) / m
-    # Never below zero, also for a (near-)constant channel in rounding.
-    return mean + shift, (merged(run_sums_sq) / m - shift.square()).clamp_min_(0.0)
+    var = centred_sums(square=True) / m
+    ratio = _largest_mean_to_std(mean, torch.rsqrt(var), positions, math.nan)
+    if ratio > _REFINE_ABOVE_RATIO:
+        shift = centred_sums(square=False) / m
+        # Never below zero, also for a (near-)constant channel in rounding.
+        mean, var = mean + shift, (var - shift.square()).clamp_min_(0.0)
+    return mean, var, ratio
 
 
 def _rows_mean_var(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -338,20 +339,6 @@ def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float =
         return unknown
     ratio = (mean.abs() * rstd).nan_to_num_(0.0, 0.0, 0.0)
     return float(ratio.amax()) if ratio.numel() else 0.0
-
-
-def _channels_last_mean_var(x: Tensor) -> tuple[Tensor, Tensor, float]:
-    """Biased mean and variance, ``(N, C)`` each, of channels_last ``x`` on the ``(N, M, C)``
-    view of its memory (:func:`_positions_mean_var`), refined by the corrected pass where some
-    (sample, channel) has a |mean| / std above ``_REFINE_ABOVE_RATIO``; and that largest ratio
-    (:func:`_largest_mean_to_std`; NaN where it cannot be read, so that every comparison with
-    it is False and nothing is refined)."""
-    positions = _positions(x)
-    mean, var = _positions_mean_var(positions)
-    ratio = _largest_mean_to_std(mean, torch.rsqrt(var), x, math.nan)
-    if ratio > _REFINE_ABOVE_RATIO:
-        mean, var = _positions_mean_var(positions, mean)
-    return mean, var, ratio
 
 
 def _needs_refining(mean: Tensor, rstd: Tensor, x: Tensor) -> bool:
@@ -412,7 +399,7 @@ class _MeanVar(torch.autograd.Function):
             # costs a slow transposing pass. The (N, M, C) view of the same memory reduces well
             # over M: the mean, then the squares of x - mean, summed block by block in a reused
             # cache-sized buffer. Half inputs are upcast block by block, not copied whole.
-            mean, var, _ = _channels_last_mean_var(x)
+            mean, var, _ = _positions_mean_var(_positions(x))
         else:
             acc = compute_dtype(x.dtype)
             # One copy at most (Tensor.to ignores memory_format when it does not copy).
