@@ -174,6 +174,61 @@ def test_gradcheck_gradgradcheck(spatial: tuple[int, ...], correction: int):
     assert gradgradcheck(lambda t: stats.mean_var(t, correction=correction), (x,))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("correction", [0, 1])
+def test_forward_mode_derivatives(layout: str, correction: int):
+    # torch.func.jvp, forward AD, jacfwd and hessian through the Function's jvp rule, against the
+    # same transforms of the textbook formula (and jacfwd against jacrev).
+    gen = torch.Generator().manual_seed(correction)
+    x = 5 + torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    tangent = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    def ours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return stats.mean_var(x, correction=correction)
+
+    def formula(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.mean((2, 3)), x.var((2, 3), correction=correction)
+
+    got, expected = (torch.func.jvp(f, (x,), (tangent,)) for f in (ours, formula))
+    torch.testing.assert_close(got, expected)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        _, std = stats.mean_std(dual, eps=0.0, correction=correction)
+        std_tangent = torch.autograd.forward_ad.unpack_dual(std).tangent
+    torch.testing.assert_close(std_tangent, expected[1][1] / (2 * expected[0][1].sqrt()))
+
+    def std_sum(x: torch.Tensor) -> torch.Tensor:
+        return stats.mean_std(x, eps=0.0, correction=correction)[1].pow(3).sum()
+
+    jac = torch.func.jacfwd(lambda x: stats.mean_std(x, correction=correction)[1])(x)
+    torch.testing.assert_close(
+        jac, torch.func.jacrev(lambda x: stats.mean_std(x, correction=correction)[1])(x)
+    )
+    hessian = torch.func.hessian(std_sum)(x)
+    expected_hessian = torch.autograd.functional.hessian(
+        lambda x: formula(x)[1].sqrt().pow(3).sum(), x
+    )
+    torch.testing.assert_close(hessian, expected_hessian)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_LOW)
+def test_forward_mode_derivative_of_half_input(dtype: torch.dtype):
+    # Half input: tangents computed in float32 and rounded once to the input's dtype, so they
+    # equal float64's within that dtype's rounding.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 6, 6, generator=gen).to(dtype)
+    tangent = torch.randn(x.shape, generator=gen).to(dtype)
+    _, tangents = torch.func.jvp(stats.mean_var, (x,), (tangent,))
+    expected = torch.func.jvp(
+        lambda x: (x.mean((2, 3)), x.var((2, 3), correction=0)), (x.double(),), (tangent.double(),)
+    )[1]
+    for got, want in zip(tangents, expected, strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want.to(dtype))
+
+
 def test_gradcheck_only_mean_or_only_var_used():
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     assert gradcheck(lambda t: stats.mean_var(t)[0], (x,))

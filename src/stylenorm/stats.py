@@ -383,8 +383,14 @@ class _MeanVar(torch.autograd.Function):
 
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
 
-    written in differentiable torch ops so double backward works. Under ``torch.func.vmap``
-    torch derives the batching rule from these torch ops (``generate_vmap_rule``).
+    written in differentiable torch ops so double backward works. The forward-mode derivative
+    (``jvp``: ``torch.func.jvp``, ``jacfwd``, ``hessian``, forward AD) is the same derivative
+    applied to a tangent ``x_dot``:
+
+        d mean = mean(x_dot),   d var = 2 sum((x - mean) x_dot) / (M - correction).
+
+    Under ``torch.func.vmap`` torch derives the batching rule from these torch ops
+    (``generate_vmap_rule``).
     """
 
     generate_vmap_rule = True
@@ -428,7 +434,20 @@ class _MeanVar(torch.autograd.Function):
         x, correction = inputs
         mean, _ = output
         ctx.save_for_backward(x, mean)
+        ctx.save_for_forward(x, mean)
         ctx.correction = correction  # type: ignore[attr-defined]
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x_dot: Tensor, _correction_dot: None
+    ) -> tuple[Tensor, Tensor]:
+        x, mean = ctx.saved_tensors  # type: ignore[attr-defined]
+        dims = tuple(range(2, x.dim()))
+        shape = (x.shape[0], x.shape[1]) + (1,) * len(dims)
+        tangent = x_dot.to(mean.dtype)
+        centered = x.to(mean.dtype) - mean.reshape(shape)  # exact where x is near a large mean
+        scale = 2.0 / (_num_positions(x) - ctx.correction)  # type: ignore[attr-defined]
+        return tangent.mean(dims), (centered * tangent).sum(dims) * scale
 
     @staticmethod
     def backward(  # type: ignore[override]
