@@ -415,10 +415,25 @@ def test_channels_last_instance_norm_unusual_strides_and_grads(dtype: torch.dtyp
         _assert_close_at_scale(ours, ref, tol)
 
 
+@pytest.fixture
+def backward_forms(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The ``centre`` argument of every call of the channels_last batched backward (True: on
+    x - mean, False: the mean folded into constants); no call means torch's kernel ran."""
+    forms: list[bool] = []
+    batched = functional._channels_last_norm_backward_batched
+
+    def spy(*args: Any, centre: bool) -> Any:
+        forms.append(centre)
+        return batched(*args, centre=centre)
+
+    monkeypatch.setattr(functional, "_channels_last_norm_backward_batched", spy)
+    return forms
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 4, 3), (1, 2, 3, 3, 2), (3, 4, 2, 2)], ids=str)
 @pytest.mark.parametrize("form", ["kernel", "centred", "folded"])
 def test_channels_last_backward_forms_gradcheck(
-    shape: tuple[int, ...], form: str, monkeypatch: pytest.MonkeyPatch
+    shape: tuple[int, ...], form: str, backward_forms: list[bool], monkeypatch: pytest.MonkeyPatch
 ):
     # The channels_last path's three backward forms (torch's batch-norm backward kernel per
     # sample; the batched closed form on x - mean, for small samples; the batched form with the
@@ -430,14 +445,6 @@ def test_channels_last_backward_forms_gradcheck(
     monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0 if form == "kernel" else 1 << 40)
     bound = math.inf if form == "folded" else -1.0
     monkeypatch.setattr(functional, "_PRECISE_GRADIENT_ABOVE_RATIO", bound)
-    forms = set()
-    batched = functional._channels_last_norm_backward_batched
-
-    def spy(*args: Any, centre: bool) -> Any:
-        forms.add(centre)
-        return batched(*args, centre=centre)
-
-    monkeypatch.setattr(functional, "_channels_last_norm_backward_batched", spy)
     gen = torch.Generator().manual_seed(17)
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     x = (1.5 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).contiguous(
@@ -461,7 +468,7 @@ def test_channels_last_backward_forms_gradcheck(
         assert gradcheck(fn, inputs)
         assert gradgradcheck(fn, inputs)
     folded = form == "folded" and shape[0] > 1
-    assert forms == (set() if form == "kernel" else {not folded})
+    assert set(backward_forms) == (set() if form == "kernel" else {not folded})
 
 
 def test_batch_norm_fast_path_is_taken_where_expected(kernels: str):
@@ -603,7 +610,7 @@ def test_contiguous_instance_norm_as_precise_as_torch_at_large_mean(
 @pytest.mark.parametrize("offset", [0.0, 0.9, 3.0, 30.0, 1e3, 1e4])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_channels_last_instance_norm_as_precise_as_torch_at_large_mean(
-    offset: float, batch: int, monkeypatch: pytest.MonkeyPatch
+    offset: float, batch: int, backward_forms: list[bool], monkeypatch: pytest.MonkeyPatch
 ):
     # The same on the channels_last path, float32: up to |mean|/std = 1 a batch of more than one
     # sample takes the backward with the mean folded into constants, above it (and for one
@@ -611,16 +618,45 @@ def test_channels_last_instance_norm_as_precise_as_torch_at_large_mean(
     monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
     monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
     monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0)
-    forms = []
-    batched = functional._channels_last_norm_backward_batched
-
-    def spy(*args: Any, centre: bool) -> Any:
-        forms.append(centre)
-        return batched(*args, centre=centre)
-
-    monkeypatch.setattr(functional, "_channels_last_norm_backward_batched", spy)
     _assert_as_precise_as_torch_nn(offset, torch.float32, torch.channels_last, batch)
-    assert forms == ([False] if batch > 1 and offset < 1 else [])
+    assert backward_forms == ([False] if batch > 1 and offset < 1 else [])
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5, 1e3, 12345.0])
+def test_channels_last_constant_channel_exact(
+    value: float, backward_forms: list[bool], monkeypatch: pytest.MonkeyPatch
+):
+    # A constant channel (a blank image through padded convolutions) in an otherwise standard
+    # normal batch: its output is exactly the bias and its weight gradient 0, as in float64;
+    # the other gradients as close to float64 as torch.nn's. A nonzero constant v has
+    # |mean| / sqrt(var + eps) = v / sqrt(eps), so it takes the exact forms (the folded backward
+    # gave a weight gradient of -1.31 at 1e3); an all-zero channel may fold.
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
+    monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 16, 16, generator=gen)
+    x[:, 1] = value
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=gen)
+    weight, bias = torch.rand(4, generator=gen) + 0.5, torch.randn(4, generator=gen)
+
+    def results(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+        y = fn(inputs[0], weight=inputs[1], bias=inputs[2])
+        outputs = (y, *torch.autograd.grad(y, inputs, grad.to(dtype)))
+        return [t.detach().double() for t in outputs]
+
+    y, grad_x, grad_w, grad_b = results(functional.instance_norm, torch.float32)
+    expected = results(F.instance_norm, torch.float64)
+    theirs = results(F.instance_norm, torch.float32)
+    assert torch.equal(y[:, 1], bias[1].double().expand_as(y[:, 1]))
+    assert grad_w[1] == 0
+    for ours, want, torch_nn in zip((y, grad_x, grad_w, grad_b), expected, theirs, strict=True):
+        scale = float(want.abs().max())
+        error, torch_error = (float((t - want).abs().max()) / scale for t in (ours, torch_nn))
+        assert error <= 2 * torch_error + 1e-6, (error, torch_error)
+    assert backward_forms == ([False] if value == 0 else [])
 
 
 def _assert_as_precise_as_torch_nn(

@@ -95,11 +95,12 @@ class _ChannelsLastNorm(torch.autograd.Function):
     transposing copy, the output keeps channels_last and the input's dtype, statistics are stable
     (:func:`stylenorm.stats._positions_mean_var`). Half inputs are computed in float32 and
     rounded once. The output is one fused pass ``x * a + b`` with per-(sample, channel) constants,
-    except where some (sample, channel) has :math:`|\mu| / \sigma` above
-    ``stats._REFINE_ABOVE_RATIO`` (read on CPU only): there the two terms cancel (3x torch.nn's
+    except where some (sample, channel) has :math:`|\mu| / \sqrt{\sigma^2 + \epsilon}` above
+    ``stats._REFINE_ABOVE_RATIO`` (read on CPU only; a constant channel counts as its value
+    over :math:`\sqrt\epsilon`): there the two terms cancel (3x torch.nn's
     error at 1e3), so ``(x - mean) * a + shift`` takes a pass more, and the mean is refined by a
     corrected pass (its 2-3 units in the last place would also cost the gradients 6x torch.nn's
-    error at 1e3). Returns ``(y, mean, var, ratio)``, ratio the largest :math:`|\mu| / \sigma`
+    error at 1e3). Returns ``(y, mean, var, ratio)``, ratio that largest one
     (:func:`stylenorm.stats._positions_mean_var`); the statistics are for running averages
     and carry no gradient. The backward pass is the closed form (Ulyanov et al.'s instance norm
     derivative):
@@ -109,8 +110,8 @@ class _ChannelsLastNorm(torch.autograd.Function):
         \partial x = a \Big(g - \overline{g} - \frac{(x - \mu)}{\sigma^2 + \epsilon}
         \overline{g (x - \mu)}\Big), \qquad a = \frac{\text{scale}}{\sqrt{\sigma^2+\epsilon}}
 
-    with bars the means over positions. Where every (sample, channel) has
-    :math:`|\mu| / \sigma` at most ``_PRECISE_GRADIENT_ABOVE_RATIO``, the batch has more than
+    with bars the means over positions. Where that ratio is at most
+    ``_PRECISE_GRADIENT_ABOVE_RATIO`` for every (sample, channel), the batch has more than
     one sample and each at most ``_FOLDED_MAX_SAMPLE_NUMEL`` values, it is computed in a few
     whole-batch ops with the mean folded into per-(sample, channel) constants
     (:func:`_channels_last_norm_backward_batched`); otherwise per sample by torch's
@@ -122,7 +123,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, float]:
-        mean, var, ratio = stats._positions_mean_var(stats._positions(x))
+        mean, var, ratio = stats._positions_mean_var(stats._positions(x), eps)
         refine = ratio > stats._REFINE_ABOVE_RATIO  # False for NaN, where it cannot be read
         rstd = torch.rsqrt(var + eps)
         a = rstd if scale is None else rstd * scale

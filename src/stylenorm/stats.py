@@ -235,11 +235,21 @@ def _block_moments(chunk: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
     return mean.squeeze(1), centred.square_().sum(1)
 
 
-def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor, float]:
+def _shifted(estimate: Tensor, spread: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The corrected two-pass step: from the mean of the squared deviations about
+    ``estimate`` (``spread``) and the mean deviation ``shift``, the mean
+    :math:`\tilde\mu + \delta` and the variance :math:`\overline{d^2} - \delta^2`, never
+    below zero (also for a (near-)constant channel in rounding)."""
+    return estimate + shift, (spread - shift.square()).clamp_min_(0.0)
+
+
+def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor, float]:
     r"""Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
-    compute dtype (float32 for half inputs), and the largest |mean| / std among them
-    (:func:`_largest_mean_to_std`; NaN where it cannot be read, so that every comparison with
-    it is False).
+    compute dtype (float32 for half inputs), and the largest :math:`|\mu| / \sqrt{\sigma^2 +
+    \epsilon}` among them (:func:`_largest_mean_to_std`; NaN where it cannot be read, so that
+    every comparison with it is False). With ``eps = 0`` constant channels do not count; a
+    normalization passes its own ``eps``, for which a constant channel's value divided by
+    :math:`\sqrt{\epsilon}` is what its terms cancel at.
 
     The classic two-pass algorithm, which is stable on features with a large mean (no
     E[x^2] - E[x]^2): first the mean, with torch's sum over M (one read of the data; half
@@ -285,11 +295,9 @@ def _positions_mean_var(positions: Tensor) -> tuple[Tensor, Tensor, float]:
         mean = merged(run_sums) / m
     run_mean = (mean.repeat_interleave(parts, 0) if parts > 1 else mean).unsqueeze(1)
     var = centred_sums(square=True) / m
-    ratio = _largest_mean_to_std(mean, torch.rsqrt(var), positions, math.nan)
+    ratio = _largest_mean_to_std(mean, torch.rsqrt(var + eps), positions, math.nan)
     if ratio > _REFINE_ABOVE_RATIO:
-        shift = centred_sums(square=False) / m
-        # Never below zero, also for a (near-)constant channel in rounding.
-        mean, var = mean + shift, (var - shift.square()).clamp_min_(0.0)
+        mean, var = _shifted(mean, var, centred_sums(square=False) / m)
     return mean, var, ratio
 
 
@@ -366,9 +374,7 @@ def _rows_refined_mean_var(rows: Tensor, estimate: Tensor) -> tuple[Tensor, Tens
         centred = _centred_into(chunk, first.unsqueeze(1), _workspace_for(work, chunk))
         sums.append(centred.sum(1))
         sums_sq.append(centred.square_().sum(1))
-    shift = torch.cat(sums) / rows.shape[1]
-    # Never below zero, also for a (near-)constant row in rounding.
-    return estimate + shift, (torch.cat(sums_sq) / rows.shape[1] - shift.square()).clamp_min_(0.0)
+    return _shifted(estimate, torch.cat(sums_sq) / rows.shape[1], torch.cat(sums) / rows.shape[1])
 
 
 class _MeanVar(torch.autograd.Function):
@@ -378,19 +384,15 @@ class _MeanVar(torch.autograd.Function):
     a single Welford-style pass, free of E[x^2] - E[x]^2 cancellation and many times faster than
     ``torch.var_mean`` on CPU, refined by a corrected two-pass where some channel's
     |mean| / std exceeds ``_REFINE_ABOVE_RATIO`` (the kernel's float32 error grows with that
-    ratio); channels_last input takes two passes on its (N, M, C) view. The backward pass is the
+    ratio); channels_last input takes two passes on its (N, M, C) view, and a third above that
+    ratio (:func:`_positions_mean_var`). The backward pass is the
     exact derivative
 
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
 
-    written in differentiable torch ops so double backward works. The forward-mode derivative
-    (``jvp``: ``torch.func.jvp``, ``jacfwd``, ``hessian``, forward AD) is the same derivative
-    applied to a tangent ``x_dot``:
-
-        d mean = mean(x_dot),   d var = 2 sum((x - mean) x_dot) / (M - correction).
-
-    Under ``torch.func.vmap`` torch derives the batching rule from these torch ops
-    (``generate_vmap_rule``).
+    written in differentiable torch ops so double backward works. Under ``torch.func.vmap``
+    torch derives the batching rule from these torch ops (``generate_vmap_rule``). The
+    forward-mode rule is in :class:`_MeanVarJvp`.
     """
 
     generate_vmap_rule = True
@@ -434,20 +436,7 @@ class _MeanVar(torch.autograd.Function):
         x, correction = inputs
         mean, _ = output
         ctx.save_for_backward(x, mean)
-        ctx.save_for_forward(x, mean)
         ctx.correction = correction  # type: ignore[attr-defined]
-
-    @staticmethod
-    def jvp(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, x_dot: Tensor, _correction_dot: None
-    ) -> tuple[Tensor, Tensor]:
-        x, mean = ctx.saved_tensors  # type: ignore[attr-defined]
-        dims = tuple(range(2, x.dim()))
-        shape = (x.shape[0], x.shape[1]) + (1,) * len(dims)
-        tangent = x_dot.to(mean.dtype)
-        centered = x.to(mean.dtype) - mean.reshape(shape)  # exact where x is near a large mean
-        scale = 2.0 / (_num_positions(x) - ctx.correction)  # type: ignore[attr-defined]
-        return tangent.mean(dims), (centered * tangent).sum(dims) * scale
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -472,6 +461,38 @@ class _MeanVar(torch.autograd.Function):
             if offset is not None:
                 grad.add_(offset)
         return grad.to(x.dtype), None
+
+
+class _MeanVarJvp(_MeanVar):
+    """:class:`_MeanVar` with a forward-mode rule (``jvp``: ``torch.func.jvp``, ``jacfwd``,
+    ``hessian``, forward AD), the same derivative applied to a tangent ``x_dot``:
+
+        d mean = mean(x_dot),   d var = 2 sum((x - mean) x_dot) / (M - correction).
+
+    A class of its own because torch.compile cannot trace an ``autograd.Function`` that defines
+    ``jvp``; compiled code takes :class:`_MeanVar`.
+    """
+
+    @staticmethod
+    def setup_context(
+        ctx: torch.autograd.function.FunctionCtx,
+        inputs: tuple[Tensor, float],
+        output: tuple[Tensor, Tensor],
+    ) -> None:
+        _MeanVar.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], output[0])
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x_dot: Tensor, _correction_dot: None
+    ) -> tuple[Tensor, Tensor]:
+        x, mean = ctx.saved_tensors  # type: ignore[attr-defined]
+        dims = tuple(range(2, x.dim()))
+        shape = (x.shape[0], x.shape[1]) + (1,) * len(dims)
+        tangent = x_dot.to(mean.dtype)
+        centered = x.to(mean.dtype) - mean.reshape(shape)  # exact where x is near a large mean
+        scale = 2.0 / (_num_positions(x) - ctx.correction)  # type: ignore[attr-defined]
+        return tangent.mean(dims), (centered * tangent).sum(dims) * scale
 
 
 def _weighted_mean_var(x: Tensor, mask: Tensor, correction: float) -> tuple[Tensor, Tensor]:
@@ -505,7 +526,8 @@ def _mean_var(x: Tensor, correction: float, mask: Tensor | None) -> tuple[Tensor
     if x.shape[0] == 0 or x.shape[1] == 0:
         empty = x.new_zeros((x.shape[0], x.shape[1]), dtype=compute_dtype(x.dtype))
         return empty + x.sum(tuple(range(2, x.dim()))), empty.clone()
-    mean, var = _MeanVar.apply(x, float(correction))  # type: ignore[no-untyped-call]
+    function = _MeanVar if _is_compiling() else _MeanVarJvp
+    mean, var = function.apply(x, float(correction))  # type: ignore[no-untyped-call]
     return mean, var
 
 
