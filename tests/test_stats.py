@@ -177,8 +177,8 @@ def test_gradcheck_gradgradcheck(spatial: tuple[int, ...], correction: int):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("correction", [0, 1])
 def test_forward_mode_derivatives(layout: str, correction: int):
-    # torch.func.jvp, forward AD, jacfwd and hessian through the Function's jvp rule, against the
-    # same transforms of the textbook formula (and jacfwd against jacrev).
+    # torch.func.jvp, forward AD, jacfwd, jacfwd of jacfwd (a custom jvp rule gave zeros there)
+    # and hessian, against the same transforms of the textbook formula (jacfwd against jacrev).
     gen = torch.Generator().manual_seed(correction)
     x = 5 + torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
     if layout == "channels_last":
@@ -206,6 +206,9 @@ def test_forward_mode_derivatives(layout: str, correction: int):
     torch.testing.assert_close(
         jac, torch.func.jacrev(lambda x: stats.mean_std(x, correction=correction)[1])(x)
     )
+    second = torch.func.jacfwd(torch.func.jacfwd(lambda x: ours(x)[1].sum()))(x)
+    expected_second = torch.func.jacfwd(torch.func.jacfwd(lambda x: formula(x)[1].sum()))(x)
+    torch.testing.assert_close(second, expected_second)
     hessian = torch.func.hessian(std_sum)(x)
     expected_hessian = torch.autograd.functional.hessian(
         lambda x: formula(x)[1].sqrt().pow(3).sum(), x

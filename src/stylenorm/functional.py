@@ -95,7 +95,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
     transposing copy, the output keeps channels_last and the input's dtype, statistics are stable
     (:func:`stylenorm.stats._positions_mean_var`). Half inputs are computed in float32 and
     rounded once. The output is one fused pass ``x * a + b`` with per-(sample, channel) constants,
-    except where some (sample, channel) has :math:`|\mu| / \sqrt{\sigma^2 + \epsilon}` above
+    except where some (sample, channel) has :math:`|\mu| / \sigma` above
     ``stats._REFINE_ABOVE_RATIO`` (read on CPU only; a constant channel counts as its value
     over :math:`\sqrt\epsilon`): there the two terms cancel (3x torch.nn's
     error at 1e3), so ``(x - mean) * a + shift`` takes a pass more, and the mean is refined by a

@@ -28,6 +28,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 __all__ = ["compute_dtype", "mean_std", "mean_var"]
 
@@ -245,11 +246,11 @@ def _shifted(estimate: Tensor, spread: Tensor, shift: Tensor) -> tuple[Tensor, T
 
 def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor, float]:
     r"""Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
-    compute dtype (float32 for half inputs), and the largest :math:`|\mu| / \sqrt{\sigma^2 +
-    \epsilon}` among them (:func:`_largest_mean_to_std`; NaN where it cannot be read, so that
-    every comparison with it is False). With ``eps = 0`` constant channels do not count; a
-    normalization passes its own ``eps``, for which a constant channel's value divided by
-    :math:`\sqrt{\epsilon}` is what its terms cancel at.
+    compute dtype (float32 for half inputs), and the largest :math:`|\mu| / \sigma` among them
+    (:func:`_largest_mean_to_std`; NaN where it cannot be read, so that every comparison with
+    it is False). A constant channel (:math:`\sigma = 0`) counts as :math:`|\mu| /
+    \sqrt{\epsilon}`: a normalization passes its own ``eps``, at which such a channel's terms
+    cancel; with ``eps = 0`` (statistics alone) it does not count.
 
     The classic two-pass algorithm, which is stable on features with a large mean (no
     E[x^2] - E[x]^2): first the mean, with torch's sum over M (one read of the data; half
@@ -295,7 +296,8 @@ def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Te
         mean = merged(run_sums) / m
     run_mean = (mean.repeat_interleave(parts, 0) if parts > 1 else mean).unsqueeze(1)
     var = centred_sums(square=True) / m
-    ratio = _largest_mean_to_std(mean, torch.rsqrt(var + eps), positions, math.nan)
+    rstd = torch.rsqrt(torch.where(var > 0, var, eps))
+    ratio = _largest_mean_to_std(mean, rstd, positions, math.nan)
     if ratio > _REFINE_ABOVE_RATIO:
         mean, var = _shifted(mean, var, centred_sums(square=False) / m)
     return mean, var, ratio
@@ -339,10 +341,11 @@ _REFINE_ABOVE_RATIO = 30.0
 
 
 def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float = 0.0) -> float:
-    """The largest ``|mean| * rstd`` of the (sample, channel) statistics of CPU ``x`` (constant
-    channels, rstd = inf, excepted); ``unknown`` where it cannot be read: under compile or vmap
-    (of ``x``, or of the parameters or masks the statistics came from), which cannot branch on
-    values, and on other devices, where reading it would synchronize."""
+    """The largest ``|mean| * rstd`` of the (sample, channel) statistics of CPU ``x`` (entries
+    with rstd = inf, constant channels of statistics without eps, excepted); ``unknown`` where
+    it cannot be read: under compile or vmap (of ``x``, or of the parameters or masks the
+    statistics came from), which cannot branch on values, and on other devices, where reading
+    it would synchronize."""
     if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
         return unknown
     ratio = (mean.abs() * rstd).nan_to_num_(0.0, 0.0, 0.0)
@@ -391,8 +394,9 @@ class _MeanVar(torch.autograd.Function):
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
 
     written in differentiable torch ops so double backward works. Under ``torch.func.vmap``
-    torch derives the batching rule from these torch ops (``generate_vmap_rule``). The
-    forward-mode rule is in :class:`_MeanVarJvp`.
+    torch derives the batching rule from these torch ops (``generate_vmap_rule``). It has no
+    forward-mode rule: where forward-mode derivatives flow (:func:`_forward_mode`), the
+    statistics are plain differentiable torch ops instead.
     """
 
     generate_vmap_rule = True
@@ -463,38 +467,6 @@ class _MeanVar(torch.autograd.Function):
         return grad.to(x.dtype), None
 
 
-class _MeanVarJvp(_MeanVar):
-    """:class:`_MeanVar` with a forward-mode rule (``jvp``: ``torch.func.jvp``, ``jacfwd``,
-    ``hessian``, forward AD), the same derivative applied to a tangent ``x_dot``:
-
-        d mean = mean(x_dot),   d var = 2 sum((x - mean) x_dot) / (M - correction).
-
-    A class of its own because torch.compile cannot trace an ``autograd.Function`` that defines
-    ``jvp``; compiled code takes :class:`_MeanVar`.
-    """
-
-    @staticmethod
-    def setup_context(
-        ctx: torch.autograd.function.FunctionCtx,
-        inputs: tuple[Tensor, float],
-        output: tuple[Tensor, Tensor],
-    ) -> None:
-        _MeanVar.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(inputs[0], output[0])
-
-    @staticmethod
-    def jvp(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, x_dot: Tensor, _correction_dot: None
-    ) -> tuple[Tensor, Tensor]:
-        x, mean = ctx.saved_tensors  # type: ignore[attr-defined]
-        dims = tuple(range(2, x.dim()))
-        shape = (x.shape[0], x.shape[1]) + (1,) * len(dims)
-        tangent = x_dot.to(mean.dtype)
-        centered = x.to(mean.dtype) - mean.reshape(shape)  # exact where x is near a large mean
-        scale = 2.0 / (_num_positions(x) - ctx.correction)  # type: ignore[attr-defined]
-        return tangent.mean(dims), (centered * tangent).sum(dims) * scale
-
-
 def _weighted_mean_var(x: Tensor, mask: Tensor, correction: float) -> tuple[Tensor, Tensor]:
     dims = tuple(range(2, x.dim()))
     xs = x.to(compute_dtype(x.dtype))
@@ -526,9 +498,31 @@ def _mean_var(x: Tensor, correction: float, mask: Tensor | None) -> tuple[Tensor
     if x.shape[0] == 0 or x.shape[1] == 0:
         empty = x.new_zeros((x.shape[0], x.shape[1]), dtype=compute_dtype(x.dtype))
         return empty + x.sum(tuple(range(2, x.dim()))), empty.clone()
-    function = _MeanVar if _is_compiling() else _MeanVarJvp
-    mean, var = function.apply(x, float(correction))  # type: ignore[no-untyped-call]
+    if _forward_mode(x):
+        xs = x.to(compute_dtype(x.dtype))
+        dims = tuple(range(2, x.dim()))
+        mean = xs.mean(dims, keepdim=True)
+        var = (xs - mean).square().sum(dims) / (m - correction)
+        return mean.reshape(var.shape), var
+    mean, var = _MeanVar.apply(x, float(correction))  # type: ignore[no-untyped-call]
     return mean, var
+
+
+def _forward_mode(x: Tensor) -> bool:
+    """Whether forward-mode derivatives flow through ``x``: it carries a forward-AD tangent, or
+    a ``torch.func.jvp`` transform (``jacfwd``, ``hessian``) is active. An
+    ``autograd.Function``'s own ``jvp`` rule would lose the outer tangent of nested forward
+    transforms (``jacfwd(jacfwd(f))`` gave zero second derivatives), and torch.compile cannot
+    trace one; plain torch ops are right at every order. False under torch.compile, which
+    traces the transforms itself."""
+    if _is_compiling():
+        return False
+    if torch.autograd.forward_ad.unpack_dual(x).tangent is not None:  # type: ignore[no-untyped-call]
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    jvp = torch._C._functorch.TransformType.Jvp
+    return any(level.key() == jvp for level in retrieve_all_functorch_interpreters())
 
 
 def _channel_mean_var(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:
