@@ -97,10 +97,10 @@ class _ChannelsLastNorm(torch.autograd.Function):
     rounded once. The output is one fused pass ``x * a + b`` with per-(sample, channel) constants,
     except where some (sample, channel) has :math:`|\mu| / \sigma` above
     ``stats._REFINE_ABOVE_RATIO`` (read on CPU only; a constant channel counts as its value
-    over :math:`\sqrt\epsilon`): there the two terms cancel (3x torch.nn's
-    error at 1e3), so ``(x - mean) * a + shift`` takes a pass more, and the mean is refined by a
-    corrected pass (its 2-3 units in the last place would also cost the gradients 6x torch.nn's
-    error at 1e3). Returns ``(y, mean, var, ratio)``, ratio that largest one
+    over :math:`\sqrt\epsilon`): there the two terms cancel (3x torch.nn's error at 1e3), so
+    ``(x - mean) * a + shift`` takes a pass more, and the mean is refined by a corrected pass
+    (its 2-3 units in the last place would also cost the gradients 6x torch.nn's error at
+    1e3). Returns ``(y, mean, var, ratio)``, ratio that largest one
     (:func:`stylenorm.stats._positions_mean_var`); the statistics are for running averages
     and carry no gradient. The backward pass is the closed form (Ulyanov et al.'s instance norm
     derivative):
