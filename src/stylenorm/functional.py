@@ -284,11 +284,7 @@ def _plain_autograd(*tensors: Tensor | None) -> bool:
         return True
     functorch = torch._C._functorch
     return not any(
-        t is not None
-        and (
-            functorch.is_functorch_wrapped_tensor(t)
-            or torch.autograd.forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
-        )
+        t is not None and (functorch.is_functorch_wrapped_tensor(t) or stats._has_tangent(t))
         for t in tensors
     )
 
@@ -1265,7 +1261,7 @@ class _AdaINTerm(NamedTuple):
     mean: Tensor  # mu_c, (N, C, 1, ..., 1)
     shift: Tensor
     mask: Tensor | None
-    large_mean: bool  # some |mu_c| / sigma_c above stats._REFINE_ABOVE_RATIO
+    large_mean: bool  # some |mu_c| / sqrt(var_c + eps) above stats._REFINE_ABOVE_RATIO
 
 
 def _adain_coefficients(

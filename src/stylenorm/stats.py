@@ -517,6 +517,11 @@ def _mean_var(x: Tensor, correction: float, mask: Tensor | None) -> tuple[Tensor
     return mean, var
 
 
+def _has_tangent(t: Tensor) -> bool:
+    """Whether ``t`` is a forward-AD dual tensor (``torch.autograd.forward_ad.make_dual``)."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+
+
 def _forward_mode(x: Tensor) -> bool:
     """Whether forward-mode derivatives flow through ``x``: it carries a forward-AD tangent, or
     a ``torch.func.jvp`` transform (``jacfwd``, ``hessian``) is active. An
@@ -526,7 +531,7 @@ def _forward_mode(x: Tensor) -> bool:
     traces the transforms itself."""
     if _is_compiling():
         return False
-    if torch.autograd.forward_ad.unpack_dual(x).tangent is not None:  # type: ignore[no-untyped-call]
+    if _has_tangent(x):
         return True
     if torch._C._functorch.peek_interpreter_stack() is None:
         return False
