@@ -6,7 +6,9 @@
 Each JSON file is what ``run.py --json`` writes. Several files are merged: a case run more than
 once keeps its median run (the lower middle one for an even count), so repeated runs damp the
 noise of a shared machine. The targets are checked on the float32
-rows of each device; the full table has one line per case with both passes side by side.
+rows of each device against the eager baselines; rows of ``run.py --compile`` (the plain formula
+under ``torch.compile``) get a table of their own; the full table has one line per case and
+baseline, with both passes side by side.
 """
 
 from __future__ import annotations
@@ -50,10 +52,16 @@ class Target:
         return value <= self.maximum
 
 
+# The baseline name of ``run.py --compile``'s extra rows. The targets are set against the
+# eager baselines; the compiled plain formula gets a table of its own.
+COMPILED = "torch.compile(plain)"
+
+
 def _is(op: str, pass_: str | None = None, layout: str | None = None) -> Callable[[Row], bool]:
     def applies(row: Row) -> bool:
         return (
             row["op"] == op
+            and row["baseline"] != COMPILED
             and (pass_ is None or row["pass"] == pass_)
             and (layout is None or row["layout"] == layout)
         )
@@ -140,6 +148,31 @@ def target_table(rows: list[Row]) -> list[str]:
     return lines
 
 
+def compiled_table(rows: list[Row]) -> list[str]:
+    """Ratios against ``torch.compile`` of the plain formula (``run.py --compile``), per
+    operation, pass and layout, over the shapes; none if no row has that baseline."""
+    compiled = [r for r in rows if r["baseline"] == COMPILED and r["ratio"] is not None]
+    if not compiled:
+        return []
+    layouts = sorted({r["layout"] for r in compiled}, key=lambda name: name != "contiguous")
+    present = {(r["pass"], r["layout"]) for r in compiled}
+    columns = [(p, lay) for p in ("fwd", "fwd+bwd") for lay in layouts if (p, lay) in present]
+    lines = [
+        f"| device | op | dtype | {' | '.join(f'{p} {layout}' for p, layout in columns)} |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    cases: dict[tuple[str, str, str], list[Row]] = {}
+    for row in compiled:
+        cases.setdefault((row["device"], row["op"], row["dtype"]), []).append(row)
+    for (device, op, dtype), selected in cases.items():
+        cells = []
+        for pass_, layout in columns:
+            ratios = [r["ratio"] for r in selected if (r["pass"], r["layout"]) == (pass_, layout)]
+            cells.append(_span(ratios) if ratios else "-")
+        lines.append(f"| {device} | {op} | {dtype} | {' | '.join(cells)} |")
+    return lines
+
+
 def full_table(rows: list[Row]) -> list[str]:
     lines = [
         "| device | op | shape | layout | dtype | fwd ms (ours / baseline) | fwd ratio | "
@@ -185,7 +218,11 @@ def full_table(rows: list[Row]) -> list[str]:
 def report(paths: list[str]) -> str:
     rows, headers = load(paths)
     out = [f"{header}" for header in headers]
-    out += ["", *target_table(rows), "", *full_table(rows)]
+    out += ["", *target_table(rows)]
+    compiled = compiled_table(rows)
+    if compiled:
+        out += ["", f"Against {COMPILED} (ratio = its time / ours):", "", *compiled]
+    out += ["", *full_table(rows)]
     return "\n".join(out).strip() + "\n"
 
 

@@ -494,6 +494,9 @@ def _bench_one(
         return rows
     sides = [(case.baseline_name, case.baseline)]
     if args.compile and case.plain is not None:
+        # A fresh compiler cache per case: the plain formulas are closures of one code object,
+        # and past torch._dynamo's recompile limit a case would silently run uncompiled.
+        torch._dynamo.reset()
         sides.append(("torch.compile(plain)", torch.compile(case.plain)))
     for backward in (False, True):
         for base_name, base_fn in sides:

@@ -124,3 +124,32 @@ def test_report_keeps_the_median_run_and_memory_from_the_memory_run(
     assert rows[0]["memory_ratio"] == 1 / 3
     rows, _ = report.load(paths[:2])  # ratios 10 and 2.5: the lower middle one
     assert rows[0]["ratio"] == 2.5
+
+
+def test_report_keeps_compiled_rows_out_of_the_targets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
+    row = {
+        "device": "cpu",
+        "op": "cin",
+        "shape": "8x64x64x64",
+        "dtype": "float32",
+        "pass": "fwd+bwd",
+        "ours_ms": 1.0,
+        "ours_clone": 1.0,
+    }
+    rows = [
+        {**row, "layout": "contiguous", "baseline": "plain formula", "baseline_ms": 5.0},
+        {**row, "layout": "contiguous", "baseline": report.COMPILED, "baseline_ms": 0.5},
+        {**row, "layout": "channels_last", "baseline": report.COMPILED, "baseline_ms": 1.5},
+    ]
+    for r in rows:
+        r.update(ratio=r["baseline_ms"] / r["ours_ms"], baseline_clone=r["baseline_ms"])
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    lines = report.report([str(path)]).splitlines()
+    # the 0.5x against the compiled formula does not count against the 3x target
+    assert "| cpu | ConditionalInstanceNorm forward+backward | >= 3x | 5.00x | yes | - |" in lines
+    header = "| device | op | dtype | fwd+bwd contiguous | fwd+bwd channels_last |"
+    assert lines[lines.index(header) + 2] == "| cpu | cin | float32 | 0.50x | 1.50x |"
