@@ -52,16 +52,19 @@ class Target:
         return value <= self.maximum
 
 
-# The baseline name of ``run.py --compile``'s extra rows. The targets are set against the
-# eager baselines; the compiled plain formula gets a table of its own.
-COMPILED = "torch.compile(plain)"
+# The baseline names of ``run.py --compile``'s extra rows: ours against the compiled baseline,
+# and both compiled. The targets are set against the eager baselines; these get tables of their
+# own.
+COMPILED_BASELINE = "torch.compile(baseline)"
+BOTH_COMPILED = "both compiled"
+COMPILED = (COMPILED_BASELINE, BOTH_COMPILED)
 
 
 def _is(op: str, pass_: str | None = None, layout: str | None = None) -> Callable[[Row], bool]:
     def applies(row: Row) -> bool:
         return (
             row["op"] == op
-            and row["baseline"] != COMPILED
+            and row["baseline"] not in COMPILED
             and (pass_ is None or row["pass"] == pass_)
             and (layout is None or row["layout"] == layout)
         )
@@ -148,10 +151,10 @@ def target_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def compiled_table(rows: list[Row]) -> list[str]:
-    """Ratios against ``torch.compile`` of the plain formula (``run.py --compile``), per
-    operation, pass and layout, over the shapes; none if no row has that baseline."""
-    compiled = [r for r in rows if r["baseline"] == COMPILED and r["ratio"] is not None]
+def compiled_table(rows: list[Row], baseline: str) -> list[str]:
+    """The ratios of the rows with this ``run.py --compile`` baseline, per operation, pass and
+    layout, over the shapes; none if no row has it."""
+    compiled = [r for r in rows if r["baseline"] == baseline and r["ratio"] is not None]
     if not compiled:
         return []
     layouts = sorted({r["layout"] for r in compiled}, key=lambda name: name != "contiguous")
@@ -219,9 +222,14 @@ def report(paths: list[str]) -> str:
     rows, headers = load(paths)
     out = [f"{header}" for header in headers]
     out += ["", *target_table(rows)]
-    compiled = compiled_table(rows)
-    if compiled:
-        out += ["", f"Against {COMPILED} (ratio = its time / ours):", "", *compiled]
+    titles = {
+        COMPILED_BASELINE: "Ours against the compiled baseline (ratio = its time / ours):",
+        BOTH_COMPILED: "Both compiled (ratio = compiled baseline / compiled ours):",
+    }
+    for baseline, title in titles.items():
+        compiled = compiled_table(rows, baseline)
+        if compiled:
+            out += ["", title, "", *compiled]
     out += ["", *full_table(rows)]
     return "\n".join(out).strip() + "\n"
 

@@ -10,8 +10,9 @@ times forward and forward+backward of stylenorm and of its baseline with
 both alike, and prints the medians, their ratio (baseline / ours: above 1 means stylenorm is
 faster), and each time divided by one ``clone()`` of the input (the memory-bandwidth yardstick).
 Baselines: ``torch.nn`` for the drop-in layers, and the plain formula people copy (separate
-mean/var/expand ops) for everything else; ``--compile`` adds ``torch.compile`` of the plain
-formula. ``--memory`` measures the peak memory of one forward+backward of each side in a fresh
+mean/var/expand ops) for everything else. ``--compile`` adds two rows per case: ours against
+``torch.compile`` of the baseline, and both compiled (what a user who compiles the model gets).
+``--memory`` measures the peak memory of one forward+backward of each side in a fresh
 process (on CPU the growth of the peak RSS after a warm-up, Linux only; ``max_memory_allocated``
 on CUDA).
 
@@ -64,7 +65,11 @@ class Case:
     ours: Callable[[Tensor], Tensor]
     baseline: Callable[[Tensor], Tensor] | None  # None: the baseline cannot run at this size
     baseline_name: str
-    plain: Callable[[Tensor], Tensor] | None = None  # what --compile compiles
+
+
+# Baseline names of the rows that ``--compile`` adds (benchmarks/report.py tables them apart).
+COMPILED_BASELINE = "torch.compile(baseline)"
+BOTH_COMPILED = "both compiled"
 
 
 # ---------------------------------------------------------------- plain formulas (baselines)
@@ -110,7 +115,7 @@ def make_case(op: str, x: Tensor) -> Case:
             mean, std = plain_mean_std(t)
             return mean + std
 
-        return Case(ours_ms, plain_ms, "torch.var_mean", plain_ms)
+        return Case(ours_ms, plain_ms, "torch.var_mean")
     if op == "cin":
         cin = stylenorm.ConditionalInstanceNorm2d(c, NUM_STYLES, device=dev, dtype=dt)
         with torch.no_grad():
@@ -124,7 +129,7 @@ def make_case(op: str, x: Tensor) -> Case:
             beta = cin.bias[ids].reshape(n, c, 1, 1)
             return (t - mean) / std * gamma + beta
 
-        return Case(lambda t: cin(t, ids), plain_cin, "plain formula", plain_cin)
+        return Case(lambda t: cin(t, ids), plain_cin, "plain formula")
     if op in ("adain", "adain_alpha"):
         style = _style_for(x)
         adain = stylenorm.AdaIN()
@@ -139,9 +144,9 @@ def make_case(op: str, x: Tensor) -> Case:
         def ours_adain(t: Tensor) -> Tensor:
             return adain(t, style, alpha=alpha)
 
-        return Case(ours_adain, plain_adain, "plain formula", plain_adain)
+        return Case(ours_adain, plain_adain, "plain formula")
     if op == "gram_matrix":
-        return Case(SF.gram_matrix, plain_gram, "bmm / (C*M)", plain_gram)
+        return Case(SF.gram_matrix, plain_gram, "bmm / (C*M)")
     if op == "gram_loss":
         style = _style_for(x)
         loss = stylenorm.GramLoss(style)
@@ -150,7 +155,7 @@ def make_case(op: str, x: Tensor) -> Case:
         def plain_gram_loss(t: Tensor) -> Tensor:
             return F.mse_loss(plain_gram(t), target.expand(t.shape[0], c, c))
 
-        return Case(loss, plain_gram_loss, "bmm + mse_loss", plain_gram_loss)
+        return Case(loss, plain_gram_loss, "bmm + mse_loss")
     if op == "mean_std_loss":
         style = _style_for(x)
         loss = stylenorm.MeanStdLoss(style)
@@ -160,7 +165,7 @@ def make_case(op: str, x: Tensor) -> Case:
             mean, std = plain_mean_std(t)
             return F.mse_loss(mean, s_mean) + F.mse_loss(std, s_std)
 
-        return Case(loss, plain_ms_loss, "var_mean + mse_loss", plain_ms_loss)
+        return Case(loss, plain_ms_loss, "var_mean + mse_loss")
     if op == "mmd_loss":
         style = _style_for(x)
         positions = x[0, 0].numel()
@@ -180,7 +185,7 @@ def make_case(op: str, x: Tensor) -> Case:
             kxy = torch.bmm(fx.transpose(1, 2), fy).square().mean((1, 2))
             return (kxx + kyy - 2 * kxy).mean()
 
-        return Case(lambda t: SF.mmd_loss(t, style), plain_mmd, "kernel matrices", plain_mmd)
+        return Case(lambda t: SF.mmd_loss(t, style), plain_mmd, "kernel matrices")
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -355,7 +360,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of ours/baseline")
     parser.add_argument("--min-run-time", type=float, default=0.1)
     parser.add_argument(
-        "--compile", action="store_true", help="also torch.compile the plain formula"
+        "--compile",
+        action="store_true",
+        help="also ours against torch.compile of the baseline, and both compiled",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend for --compile"
     )
     parser.add_argument(
         "--offset",
@@ -492,16 +502,19 @@ def _bench_one(
             rows.append(_row(key, backward, ours_s, None, clone_s, case.baseline_name))
             _print_row(rows[-1])
         return rows
-    sides = [(case.baseline_name, case.baseline)]
-    if args.compile and case.plain is not None:
-        # A fresh compiler cache per case: the plain formulas are closures of one code object,
-        # and past torch._dynamo's recompile limit a case would silently run uncompiled.
+    sides = [(case.baseline_name, case.ours, case.baseline)]
+    if args.compile:
+        # A fresh compiler cache per case: the formulas are closures of one code object, and
+        # past torch._dynamo's recompile limit a case would silently run uncompiled.
         torch._dynamo.reset()
-        sides.append(("torch.compile(plain)", torch.compile(case.plain)))
+        backend = args.compile_backend
+        compiled_baseline = torch.compile(case.baseline, backend=backend)
+        sides.append((COMPILED_BASELINE, case.ours, compiled_baseline))
+        sides.append((BOTH_COMPILED, torch.compile(case.ours, backend=backend), compiled_baseline))
     for backward in (False, True):
-        for base_name, base_fn in sides:
+        for base_name, ours_fn, base_fn in sides:
             ours_s, base_s = time_pair(
-                _runner(case.ours, x, backward), _runner(base_fn, x, backward), rounds, min_run_time
+                _runner(ours_fn, x, backward), _runner(base_fn, x, backward), rounds, min_run_time
             )
             row = _row(key, backward, ours_s, base_s, clone_s, base_name)
             if args.memory and backward and base_name == case.baseline_name:

@@ -33,6 +33,22 @@ def test_quick_run_covers_every_op(
     assert "| ratio |" in out and "torch.nn.InstanceNorm2d" in out
 
 
+def test_quick_run_with_compile_adds_both_compiled_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _load("stylenorm_benchmarks", SUITE, monkeypatch)
+    # aot_eager: the same capture and autograd tracing as inductor, without a C++ compiler.
+    args = ["--quick", "--ops", "instance_norm,cin", "--layouts", "channels_last"]
+    args += ["--dtypes", "float32", "--allocator", "default", "--compile"]
+    rows = module.main([*args, "--compile-backend", "aot_eager"])
+    baselines = {(row["op"], row["baseline"]) for row in rows}
+    assert baselines == {
+        (op, name)
+        for op, eager in (("instance_norm", "torch.nn.InstanceNorm2d"), ("cin", "plain formula"))
+        for name in (eager, module.COMPILED_BASELINE, module.BOTH_COMPILED)
+    }
+    assert len(rows) == 2 * 3 * 2  # ops x baselines x passes
+    assert all(row["ratio"] > 0 for row in rows)
+
+
 @pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt"
 )
@@ -141,8 +157,14 @@ def test_report_keeps_compiled_rows_out_of_the_targets(
     }
     rows = [
         {**row, "layout": "contiguous", "baseline": "plain formula", "baseline_ms": 5.0},
-        {**row, "layout": "contiguous", "baseline": report.COMPILED, "baseline_ms": 0.5},
-        {**row, "layout": "channels_last", "baseline": report.COMPILED, "baseline_ms": 1.5},
+        {**row, "layout": "contiguous", "baseline": report.COMPILED_BASELINE, "baseline_ms": 0.5},
+        {
+            **row,
+            "layout": "channels_last",
+            "baseline": report.COMPILED_BASELINE,
+            "baseline_ms": 1.5,
+        },
+        {**row, "layout": "contiguous", "baseline": report.BOTH_COMPILED, "baseline_ms": 2.0},
     ]
     for r in rows:
         r.update(ratio=r["baseline_ms"] / r["ours_ms"], baseline_clone=r["baseline_ms"])
@@ -153,3 +175,5 @@ def test_report_keeps_compiled_rows_out_of_the_targets(
     assert "| cpu | ConditionalInstanceNorm forward+backward | >= 3x | 5.00x | yes | - |" in lines
     header = "| device | op | dtype | fwd+bwd contiguous | fwd+bwd channels_last |"
     assert lines[lines.index(header) + 2] == "| cpu | cin | float32 | 0.50x | 1.50x |"
+    header = "| device | op | dtype | fwd+bwd contiguous |"
+    assert lines[lines.index(header) + 2] == "| cpu | cin | float32 | 2.00x |"
