@@ -6,9 +6,9 @@
 Each JSON file is what ``run.py --json`` writes. Several files are merged: a case run more than
 once keeps its median run (the lower middle one for an even count), so repeated runs damp the
 noise of a shared machine. The targets are checked on the float32
-rows of each device against the eager baselines; rows of ``run.py --compile`` (the plain formula
-under ``torch.compile``) get a table of their own; the full table has one line per case and
-baseline, with both passes side by side.
+rows of each device against the eager baselines; the rows of ``run.py --compile`` (ours against
+the compiled baseline, and both compiled) get tables of their own; the full table has one line
+per case and baseline, with both passes side by side.
 """
 
 from __future__ import annotations

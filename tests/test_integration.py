@@ -854,29 +854,82 @@ def test_compile_channels_last_with_gradient_is_precise_at_large_means(layer: st
         assert err <= 2 * plain_err + 1e-6, (name, float(err), float(plain_err))
 
 
-def test_compile_channels_last_traces_the_formula_only_with_a_gradient():
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((2, 16, 8, 8), torch.float32),
+        ((2, 16, 4, 4, 4), torch.float32),
+        ((2, 16, 8, 8), torch.bfloat16),
+    ],
+    ids=["channels_last", "channels_last_3d", "bfloat16"],
+)
+def test_compile_channels_last_traces_the_formula_only_with_a_gradient(
+    shape: tuple[int, ...], dtype: torch.dtype
+):
     """The traced graph of a channels_last instance norm: with a gradient, reductions on the
     input's layout (the group-norm route compiles to a backward 3x-4x slower); without one, the
-    eager route, whose forward compiles faster."""
+    eager route, whose forward compiles faster. Same values, layout and dtype either way (a
+    half input with float32 parameters, as torch.nn takes it, too)."""
     seen: list[str] = []
 
     def recording(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
         seen.extend(str(node.target) for node in gm.graph.nodes)
         return gm.forward
 
-    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    weight = torch.ones(16, requires_grad=True)
-    for grad in (True, False):
-        seen.clear()
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+    weight = torch.rand(16, requires_grad=True)
+    expected = stylenorm.functional.instance_norm(x, weight=weight)
+    try:
+        for grad in (True, False):
+            seen.clear()
+            torch._dynamo.reset()
+            fn = torch.compile(
+                stylenorm.functional.instance_norm, fullgraph=True, backend=recording
+            )
+            with torch.set_grad_enabled(grad):
+                y = fn(x, weight=weight)
+            assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            _close(y, expected.detach(), tol)
+            group_norm = any("group_norm" in target for target in seen)
+            assert group_norm is not grad, seen
+            assert any("var_mean" in target for target in seen) is grad, seen
+    finally:
         torch._dynamo.reset()
-        fn = torch.compile(stylenorm.functional.instance_norm, fullgraph=True, backend=recording)
-        with torch.set_grad_enabled(grad):
-            y = fn(x, weight=weight)
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        group_norm = any("group_norm" in target for target in seen)
-        assert group_norm is not grad, seen
-        assert any("var_mean" in target for target in seen) is grad, seen
-    torch._dynamo.reset()
+
+
+def test_compile_channels_last_with_gradient_keeps_running_stats_and_errors(compiler):
+    """Compiled channels_last InstanceNorm with a gradient and running statistics: the same
+    output, gradients and running statistics as eager; parameters of another dtype take the
+    same compiled route with a gradient as without."""
+    gen = torch.Generator().manual_seed(6)
+    x = (50 + torch.randn(3, 16, 8, 8, generator=gen)).contiguous(memory_format=torch.channels_last)
+    eager = stylenorm.InstanceNorm2d(16, affine=True, track_running_stats=True)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+    model = copy.deepcopy(eager)
+    compiled, _ = compiler(model)
+    for _ in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yc = eager(xe), compiled(xc)
+        _close(yc, ye)
+        _backward((ye,))
+        _backward((yc,))
+        _close(xc.grad, xe.grad, 1e-4)
+        _close(_grads(model), _grads(eager), 1e-4)
+        _assert_same_state(model, eager)
+    # Parameters of another dtype: eager raises torch's error; compiled, torch's meta kernels do
+    # not check it (nor for torch.nn's), and with or without a gradient the same route runs.
+    wrong = model.weight.detach().double()
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        stylenorm.functional.instance_norm(x, weight=wrong)
+    outputs = []
+    for grad in (True, False):
+        torch._dynamo.reset()
+        fn = torch.compile(stylenorm.functional.instance_norm, fullgraph=True, backend=_backend())
+        outputs.append(fn(x, weight=wrong.clone().requires_grad_(grad)).detach())
+    _close(outputs[0], outputs[1])
 
 
 def test_grad_transform_of_losses():

@@ -416,27 +416,33 @@ class _ContiguousNorm(torch.autograd.Function):
         )
 
 
-def _traced_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
-    r"""Instance norm as plain differentiable ops, for torch.compile of a channels_last (or other
-    non-contiguous) input that records a gradient: :math:`(x - \mu) \cdot
+def _formula_norm(
+    x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Instance norm as plain differentiable ops: :math:`(x - \mu) \cdot
     \text{rsqrt}(\sigma^2 + \epsilon) \cdot \text{scale} + \text{shift}` with
-    ``scale``/``shift`` None, ``(C,)`` or ``(N, C)``.
+    ``scale``/``shift`` None, ``(C,)``, ``(1, C)`` or ``(N, C)``. Returns ``(y, mean, var)``,
+    the biased statistics ``(N, C)`` in the compute dtype; half inputs are computed in float32
+    and rounded once.
 
-    The compiler fuses these into reductions and elementwise loops on the input's own layout,
-    forward and backward. The eager route (a contiguous copy, torch's group norm, a copy back)
-    compiles to a backward that took 3x-4x as long on channels_last input (CPU, float32); its
-    forward alone is faster than these loops, so it stays where no gradient is recorded.
-    The compiled reductions sum naively in float32, so the statistics are those of
-    ``x - rough`` about a first mean (the corrected two-pass algorithm, 5%-15% more time),
-    and x - mean is formed element by element: at |mean|/std = 1e3 output and gradients then
-    have eager torch.nn's error (the plain two-pass had 8x-29x it, the group-norm route 19x-120x).
-    Half inputs are computed in float32 and rounded once."""
+    The mean is the corrected two-pass one: the statistics of ``x - rough`` about a first mean
+    (detached: the result does not depend on it in exact arithmetic), so the float32 sums of
+    a compiler, which add one by one, do not cost digits at large means; and x - mean is
+    formed element by element. Used where the eager kernels do not fit:
+
+    - under torch.compile, for channels_last (and channels_last_3d) input that records a
+      gradient. The compiler fuses these ops into reductions and elementwise loops on the
+      input's own layout, forward and backward, where the eager route (a contiguous copy,
+      torch's group norm, a copy back) compiled to a backward 3x-4x as slow (CPU, float32).
+      Measured at |mean|/std = 1e3, output and gradients have eager torch.nn's error (the
+      plain two-pass: 8x-29x it, the group-norm route: 19x-120x); the correction costs 5%-15%.
+      Compiled without a gradient, the eager route stays: its forward is the faster one.
+    - for the double backward of the closed-form Functions, which recompute the output.
+    """
     acc = stats.compute_dtype(x.dtype)
     spatial = tuple(range(2, x.dim()))
     ones = (1,) * len(spatial)  # (C,) -> (C, 1, ...), (N, C) -> (N, C, 1, ...)
     xs = x.to(acc)
-    # Corrected two-pass: the statistics of x - rough, where rough is the mean as the compiled
-    # float32 sum gives it (detached: the result does not depend on it in exact arithmetic).
     rough = xs.detach().mean(spatial, keepdim=True)
     var, offset = torch.var_mean(xs - rough, spatial, correction=0, keepdim=True)
     mean = rough + offset
@@ -446,7 +452,8 @@ def _traced_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: flo
     y = (xs - mean) * a
     if shift is not None:
         y = y + shift.to(acc).reshape(shift.shape + ones)
-    return y.to(x.dtype)
+    n, c = x.shape[0], x.shape[1]
+    return y.to(x.dtype), mean.reshape(n, c), var.reshape(n, c)
 
 
 def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
@@ -552,14 +559,7 @@ def _channels_last_norm_backward_batched(
 def _instance_norm_double_backward(
     ctx: Any, grad: Tensor, x: Tensor, scale: Tensor | None, shift: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-    mean, var = stats._mean_var(x, 0.0, None)
-    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-    y = (x - mean.reshape(view)) * torch.rsqrt(var + ctx.eps).reshape(view)
-    if scale is not None:
-        y = y * scale.reshape(view)
-    if shift is not None:
-        y = y + shift.reshape(view)
-    y = y.to(x.dtype)  # as the forward: computed in the statistics' dtype, returned in x's
+    y = _formula_norm(x, scale, shift, ctx.eps)[0]
     return _grads_by_recomputation(ctx, grad, y, (x, scale, shift))
 
 
@@ -696,6 +696,22 @@ def instance_norm(
                 running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
             )
         return out
+    layout = stats._memory_format(input)
+    if (
+        layout != torch.contiguous_format
+        and stats._is_compiling()
+        and _recording(input, weight, bias)
+        and _kernel_dtypes_match(input, weight, bias)
+    ):
+        # Compiled channels_last with a gradient: the formula on the input's layout.
+        out, mean, var = _formula_norm(input, weight, bias, eps)
+        if tracking:
+            m = input[0, 0].numel()
+            unbiased = var.detach().mean(0) * (m / (m - 1))
+            _update_running_stats(
+                running_mean, running_var, mean.detach().mean(0), unbiased, momentum
+            )
+        return out
     if tracking:
         with torch.no_grad():
             mean, var = stats._mean_var(input.detach(), 1.0, None)
@@ -704,13 +720,6 @@ def instance_norm(
     # gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient), and
     # torch.nn's precision where |mean|/std is large (:func:`_contiguous_norm`). A (small)
     # channels_last input is normalized contiguous and keeps its layout.
-    layout = stats._memory_format(input)
-    if (
-        layout != torch.contiguous_format
-        and stats._is_compiling()
-        and _recording(input, weight, bias)
-    ):
-        return _traced_norm(input, weight, bias, eps)
     out = _contiguous_norm(input, weight, bias, eps)
     return _in_layout(out, layout)
 
@@ -904,7 +913,8 @@ def _style_keepdim(t: Tensor, rank: int) -> Tensor:
 
 def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
     r"""``(x - \mu_{nc}) / \sqrt{\sigma^2_{nc} + \epsilon} \cdot scale + shift``, usually in
-    one fused pass (:func:`_contiguous_norm`, :class:`_ChannelsLastNorm`).
+    one fused pass (:func:`_contiguous_norm`, :class:`_ChannelsLastNorm`); compiled
+    channels_last input that records a gradient takes :func:`_formula_norm`.
 
     ``scale`` and ``shift`` are ``(C,)`` (shared by the batch) or ``(N, C)`` (per sample), in the
     statistics' compute dtype (float32 weights with a half input are fine for the kernel).
@@ -917,7 +927,7 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     single_position = all(size == 1 for size in x.shape[2:])
     if layout != torch.contiguous_format and not single_position:
         if stats._is_compiling() and _recording(x, scale, shift):
-            return _traced_norm(x, scale, shift, eps)
+            return _formula_norm(x, scale, shift, eps)[0]
         if not stats._blockwise_channels_last(x, scale, shift) or not _plain_autograd(
             x, scale, shift
         ):  # small, or under a torch.func transform: contiguous, same layout

@@ -148,9 +148,11 @@ def _blockwise_channels_last(x: Tensor, *others: Tensor | None) -> bool:
     """Whether ``x`` is channels_last and large enough, in elements and in channels, for the
     blockwise (N, M, C) code; smaller channels_last inputs are normalized contiguous. ``others``
     are the tensors computed with ``x`` (affine parameters): the blockwise autograd Function has
-    no vmap rule, so a vmapped one sends ``x`` the contiguous way too. Under torch.compile the
-    contiguous way is traced too: the compiler fuses it, and it has no ``out=`` into strided
-    views, which dynamo rejects."""
+    no vmap rule, so a vmapped one sends ``x`` the contiguous way too. Under torch.compile it is
+    not used either (it has ``out=`` into strided views, which dynamo rejects): the statistics
+    and, without a gradient, the normalization are traced the contiguous way, which the compiler
+    fuses; with a gradient the normalization traces its formula
+    (``functional._formula_norm``)."""
     return (
         _memory_format(x) != torch.contiguous_format
         and not _is_compiling()
