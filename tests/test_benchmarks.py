@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,18 +114,7 @@ def test_report_keeps_the_median_run_and_memory_from_the_memory_run(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
-    base = {
-        "device": "cpu",
-        "op": "cin",
-        "shape": "8x64x64x64",
-        "layout": "contiguous",
-        "dtype": "float32",
-        "pass": "fwd+bwd",
-        "baseline_ms": 10.0,
-        "ours_clone": 1.0,
-        "baseline_clone": 2.0,
-        "baseline": "plain formula",
-    }
+    base = _cin_row(baseline_ms=10.0)
     paths = []
     for k, ours_ms in enumerate((1.0, 4.0, 2.0)):  # ratios 10, 2.5, 5: the median is 5
         path = tmp_path / f"run{k}.json"
@@ -146,28 +136,14 @@ def test_report_keeps_compiled_rows_out_of_the_targets(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
-    row = {
-        "device": "cpu",
-        "op": "cin",
-        "shape": "8x64x64x64",
-        "dtype": "float32",
-        "pass": "fwd+bwd",
-        "ours_ms": 1.0,
-        "ours_clone": 1.0,
-    }
     rows = [
-        {**row, "layout": "contiguous", "baseline": "plain formula", "baseline_ms": 5.0},
-        {**row, "layout": "contiguous", "baseline": report.COMPILED_BASELINE, "baseline_ms": 0.5},
-        {
-            **row,
-            "layout": "channels_last",
-            "baseline": report.COMPILED_BASELINE,
-            "baseline_ms": 1.5,
-        },
-        {**row, "layout": "contiguous", "baseline": report.BOTH_COMPILED, "baseline_ms": 2.0},
+        _cin_row(baseline_ms=5.0),
+        _cin_row(baseline=report.COMPILED_BASELINE, baseline_ms=0.5),
+        _cin_row(layout="channels_last", baseline=report.COMPILED_BASELINE, baseline_ms=1.5),
+        _cin_row(baseline=report.BOTH_COMPILED, baseline_ms=2.0),
     ]
     for r in rows:
-        r.update(ratio=r["baseline_ms"] / r["ours_ms"], baseline_clone=r["baseline_ms"])
+        r.update(ratio=r["baseline_ms"] / r["ours_ms"])
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows))
     lines = report.report([str(path)]).splitlines()
@@ -177,3 +153,22 @@ def test_report_keeps_compiled_rows_out_of_the_targets(
     assert lines[lines.index(header) + 2] == "| cpu | cin | float32 | 0.50x | 1.50x |"
     header = "| device | op | dtype | fwd+bwd contiguous |"
     assert lines[lines.index(header) + 2] == "| cpu | cin | float32 | 2.00x |"
+
+
+def _cin_row(**fields: Any) -> dict[str, Any]:
+    """A row as run.py writes it, for a CIN forward+backward case (contiguous float32 at
+    8x64x64x64, ours 1 ms, against the plain formula), with ``fields`` replacing those."""
+    row: dict[str, Any] = {
+        "device": "cpu",
+        "op": "cin",
+        "shape": "8x64x64x64",
+        "layout": "contiguous",
+        "dtype": "float32",
+        "pass": "fwd+bwd",
+        "ours_ms": 1.0,
+        "ours_clone": 1.0,
+        "baseline_clone": 2.0,
+        "baseline": "plain formula",
+    }
+    row.update(fields)
+    return row
