@@ -48,6 +48,9 @@ def test_quick_run_with_compile_adds_both_compiled_rows(monkeypatch: pytest.Monk
     }
     assert len(rows) == 2 * 3 * 2  # ops x baselines x passes
     assert all(row["ratio"] > 0 for row in rows)
+    # the report tables these rows apart by the same names
+    report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
+    assert report.COMPILED == (module.COMPILED_BASELINE, module.BOTH_COMPILED)
 
 
 @pytest.mark.skipif(

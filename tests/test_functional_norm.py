@@ -430,16 +430,22 @@ def backward_forms(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return forms
 
 
+@pytest.mark.parametrize("mean", [1.5, 1e3])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 3), (1, 2, 3, 3, 2), (3, 4, 2, 2)], ids=str)
 @pytest.mark.parametrize("form", ["kernel", "centred", "folded"])
 def test_channels_last_backward_forms_gradcheck(
-    shape: tuple[int, ...], form: str, backward_forms: list[bool], monkeypatch: pytest.MonkeyPatch
+    shape: tuple[int, ...],
+    form: str,
+    mean: float,
+    backward_forms: list[bool],
+    monkeypatch: pytest.MonkeyPatch,
 ):
     # The channels_last path's three backward forms (torch's batch-norm backward kernel per
     # sample; the batched closed form on x - mean, for small samples; the batched form with the
     # mean folded into constants, for small |mean| / std and more than one sample), each forced
     # at a small size: float64 gradcheck and gradgradcheck with a shared affine map (instance
-    # norm) and with a per-sample one (conditional instance norm, AdaIN).
+    # norm) and with a per-sample one (conditional instance norm, AdaIN). At a mean of 1e3 the
+    # forward refines its statistics and the double backward recomputes at that mean.
     monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
     monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
     monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0 if form == "kernel" else 1 << 40)
@@ -447,7 +453,7 @@ def test_channels_last_backward_forms_gradcheck(
     monkeypatch.setattr(functional, "_PRECISE_GRADIENT_ABOVE_RATIO", bound)
     gen = torch.Generator().manual_seed(17)
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-    x = (1.5 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).contiguous(
+    x = (mean + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).contiguous(
         memory_format=fmt
     )
     assert stats._blockwise_channels_last(x)

@@ -229,18 +229,11 @@ class _ChannelsLastNorm(torch.autograd.Function):
         return grad_x, grad_scale, grad_shift, None
 
 
-def _recording(*tensors: Tensor | None) -> bool:
-    """Whether autograd records an op on these tensors. Where it does not (inference,
-    ``no_grad``), the Functions here run their forward directly: ``autograd.Function.apply``
-    costs ~20 us per call in Python."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _channels_last_norm(
     x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`_ChannelsLastNorm`, its forward run directly where no gradient is recorded."""
-    if _recording(x, scale, shift):
+    if stats._recording(x, scale, shift):
         result: tuple[Tensor, Tensor, Tensor, float] = _ChannelsLastNorm.apply(x, scale, shift, eps)  # type: ignore[no-untyped-call]
     else:
         result = _ChannelsLastNorm.forward(x, scale, shift, eps)
@@ -467,7 +460,7 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     Under torch.func transforms (:func:`_plain_autograd`) and torch.compile, which cannot branch
     on values, the group norm stands."""
     x = x.contiguous()
-    recording = _recording(x, scale, shift)
+    recording = stats._recording(x, scale, shift)
     y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
     bound = _PRECISE_GRADIENT_ABOVE_RATIO if recording else stats._REFINE_ABOVE_RATIO
     var = rstd.detach().reciprocal().square() - eps  # group norm's, for the choice of path
@@ -676,9 +669,13 @@ def instance_norm(
             input, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
     tracking = running_mean is not None or running_var is not None
+    layout = stats._memory_format(input)
+    on_own_layout = None
+    # Parameters of another dtype go to torch's kernel below, which raises torch's error.
+    dtypes_match = _kernel_dtypes_match(input, weight, bias)
     if (
-        stats._blockwise_channels_last(input, weight, bias)
-        and _kernel_dtypes_match(input, weight, bias)
+        dtypes_match
+        and stats._blockwise_channels_last(input, weight, bias)
         and _plain_autograd(input, weight, bias)
     ):
         # channels_last: statistics on the channels-last view of the same memory and one fused
@@ -689,27 +686,21 @@ def instance_norm(
         scale = None if weight is None else weight.to(stats.compute_dtype(input.dtype)).expand(n_c)
         shift = None if bias is None else bias.to(stats.compute_dtype(input.dtype)).expand(n_c)
         # Half inputs are computed in float32: one rounding at the end.
-        out, mean, var = _channels_last_norm(input, scale, shift, eps)
+        on_own_layout = _channels_last_norm(input, scale, shift, eps)
+    elif (
+        dtypes_match
+        and layout != torch.contiguous_format
+        and stats._is_compiling()
+        and stats._recording(input, weight, bias)
+    ):
+        # Compiled channels_last with a gradient: the formula on the input's layout.
+        on_own_layout = _formula_norm(input, weight, bias, eps)
+    if on_own_layout is not None:
+        out, mean, var = on_own_layout
         if tracking:
             m = input[0, 0].numel()
             _update_running_stats(
                 running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
-            )
-        return out
-    layout = stats._memory_format(input)
-    if (
-        layout != torch.contiguous_format
-        and stats._is_compiling()
-        and _recording(input, weight, bias)
-        and _kernel_dtypes_match(input, weight, bias)
-    ):
-        # Compiled channels_last with a gradient: the formula on the input's layout.
-        out, mean, var = _formula_norm(input, weight, bias, eps)
-        if tracking:
-            m = input[0, 0].numel()
-            unbiased = var.detach().mean(0) * (m / (m - 1))
-            _update_running_stats(
-                running_mean, running_var, mean.detach().mean(0), unbiased, momentum
             )
         return out
     if tracking:
@@ -926,7 +917,7 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     # The group-norm kernel refuses one value per group; the statistics path gives y = shift.
     single_position = all(size == 1 for size in x.shape[2:])
     if layout != torch.contiguous_format and not single_position:
-        if stats._is_compiling() and _recording(x, scale, shift):
+        if stats._is_compiling() and stats._recording(x, scale, shift):
             return _formula_norm(x, scale, shift, eps)[0]
         if not stats._blockwise_channels_last(x, scale, shift) or not _plain_autograd(
             x, scale, shift
@@ -1068,7 +1059,8 @@ def conditional_instance_norm(
     precise backward (and, above |mean|/std = 30, refined statistics) where some |mean|/std
     exceeds 1; large channels_last input takes one blockwise statistics pass and one
     scale-and-shift pass on its own layout instead, and channels_last input gives channels_last
-    output.
+    output. Under torch.compile, channels_last input with a gradient is traced as the formula
+    on its own layout (corrected two-pass statistics), which compiles to a faster backward.
 
     Args:
         input: features ``(N, C, *spatial)``.
@@ -1424,7 +1416,9 @@ def adain(
     Gradients flow to the content, the style, the precomputed statistics, the interpolation
     weights, a soft mask and a tensor ``alpha``, to any order. Without masks, spatial maps or
     ``correction``, this is one fused group-norm pass (plus one ``add`` when ``alpha != 1``),
-    with the precise backward of :func:`instance_norm` at large content means.
+    with the precise backward of :func:`instance_norm` at large content means (under
+    torch.compile, channels_last content with a gradient is traced as the formula instead, as
+    in :func:`conditional_instance_norm`).
 
     Args:
         content: content features ``(N, C, *spatial)``.
@@ -1804,7 +1798,7 @@ class _Gram(torch.autograd.Function):
 def _gram(features: Tensor, scale: float) -> Tensor:
     """:class:`_Gram` of ``(N, C, M)`` features, its forward run directly where no gradient is
     recorded."""
-    if not _recording(features):
+    if not stats._recording(features):
         return _scaled_gram(features, scale)
     gram: Tensor = _Gram.apply(features, scale)  # type: ignore[no-untyped-call]
     return gram
