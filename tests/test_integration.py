@@ -867,9 +867,9 @@ def test_compile_channels_last_traces_the_formula_only_with_a_gradient(
     shape: tuple[int, ...], dtype: torch.dtype
 ):
     """The traced graph of a channels_last instance norm: with a gradient, reductions on the
-    input's layout (the group-norm route compiles to a backward 3x-4x slower); without one, the
-    eager route, whose forward compiles faster. Same values, layout and dtype either way (a
-    half input with float32 parameters, as torch.nn takes it, too)."""
+    input's layout (the group-norm route compiled to a forward+backward 3.3x-4.8x slower);
+    without one, the eager route, whose forward compiles faster. Same values, layout and dtype
+    either way (a half input with float32 parameters, as torch.nn takes it, too)."""
     seen: list[str] = []
 
     def recording(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
