@@ -418,10 +418,9 @@ def _formula_norm(
     the biased statistics ``(N, C)`` in the compute dtype; half inputs are computed in float32
     and rounded once.
 
-    The mean is the corrected two-pass one: the statistics of ``x - rough`` about a first mean
-    (detached: the result does not depend on it in exact arithmetic), so the float32 sums of
-    a compiler, which add one by one, do not cost digits at large means; and x - mean is
-    formed element by element. Used where the eager kernels do not fit:
+    The statistics are the corrected two-pass ones of :func:`stats._formula_mean_var`, so the
+    float32 sums of a compiler, which add one by one, do not cost digits at large means; and
+    x - mean is formed element by element. Used where the eager kernels do not fit:
 
     - under torch.compile, for channels_last (and channels_last_3d) input that records a
       gradient. The compiler fuses these ops into reductions and elementwise loops on the
@@ -433,12 +432,9 @@ def _formula_norm(
     - for the double backward of the closed-form Functions, which recompute the output.
     """
     acc = stats.compute_dtype(x.dtype)
-    spatial = tuple(range(2, x.dim()))
-    ones = (1,) * len(spatial)  # (C,) -> (C, 1, ...), (N, C) -> (N, C, 1, ...)
+    ones = (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ...), (N, C) -> (N, C, 1, ...)
     xs = x.to(acc)
-    rough = xs.detach().mean(spatial, keepdim=True)
-    var, offset = torch.var_mean(xs - rough, spatial, correction=0, keepdim=True)
-    mean = rough + offset
+    mean, var = stats._formula_mean_var(xs)
     a = torch.rsqrt(var + eps)
     if scale is not None:
         a = a * scale.to(acc).reshape(scale.shape + ones)

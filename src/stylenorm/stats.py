@@ -510,11 +510,9 @@ def _mean_var(x: Tensor, correction: float, mask: Tensor | None) -> tuple[Tensor
         empty = x.new_zeros((x.shape[0], x.shape[1]), dtype=compute_dtype(x.dtype))
         return empty + x.sum(tuple(range(2, x.dim()))), empty.clone()
     if _forward_mode(x):
-        xs = x.to(compute_dtype(x.dtype))
-        dims = tuple(range(2, x.dim()))
-        mean = xs.mean(dims, keepdim=True)
-        var = (xs - mean).square().sum(dims) / (m - correction)
-        return mean.reshape(var.shape), var
+        mean, var = _formula_mean_var(x.to(compute_dtype(x.dtype)), correction)
+        shape = (x.shape[0], x.shape[1])
+        return mean.reshape(shape), var.reshape(shape)
     if (
         _recording(x)
         or _is_compiling()
@@ -523,6 +521,19 @@ def _mean_var(x: Tensor, correction: float, mask: Tensor | None) -> tuple[Tensor
         mean, var = _MeanVar.apply(x, float(correction))  # type: ignore[no-untyped-call]
         return mean, var
     return _MeanVar.forward(x, float(correction))
+
+
+def _formula_mean_var(xs: Tensor, correction: float = 0.0) -> tuple[Tensor, Tensor]:
+    r"""Mean and variance over the spatial dims of ``xs`` (already in its compute dtype) as plain
+    differentiable torch ops, kept as ``(N, C, 1, ...)``: the corrected two-pass algorithm, the
+    statistics of ``xs - rough`` about a first mean :math:`\tilde\mu` (detached: the result
+    does not depend on it in exact arithmetic), so sums that add one by one (a compiler's) do
+    not cost digits at large means. For forward-mode derivatives, and for formulas that
+    torch.compile traces (``functional._formula_norm``)."""
+    dims = tuple(range(2, xs.dim()))
+    rough = xs.detach().mean(dims, keepdim=True)
+    var, offset = torch.var_mean(xs - rough, dims, correction=correction, keepdim=True)
+    return rough + offset, var
 
 
 def _recording(*tensors: Tensor | None) -> bool:
