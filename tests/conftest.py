@@ -51,3 +51,10 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         for module, name in _THRESHOLDS:
             monkeypatch.setattr(module, name, 0)
     yield request.param
+
+
+@pytest.fixture
+def blockwise_at_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """channels_last input of any size takes the blockwise (N, M, C) code, as a large one does."""
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
-from stylenorm import functional, reference, stats
+from stylenorm import functional, reference
 from stylenorm.functional import conditional_instance_norm
 
 F64 = torch.float64
@@ -287,6 +287,7 @@ def test_large_mean_small_std_float32(mode: str, layout: str) -> None:
 
 @pytest.mark.parametrize("offset", [1e3, 1e4])
 @pytest.mark.parametrize("path", ["small", "function", "channels_last"])
+@pytest.mark.usefixtures("blockwise_at_any_size")
 def test_large_mean_gradients_as_precise_as_torch_nn(
     offset: float, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,8 +296,6 @@ def test_large_mean_gradients_as_precise_as_torch_nn(
     # followed by the same affine map in float32. Contiguous (both precise paths) and
     # channels_last (refined statistics, per-sample kernel backward).
     monkeypatch.setattr(functional, "_CONTIGUOUS_NORM_MIN_NUMEL", 1 << 40 if path == "small" else 0)
-    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
-    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
     monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0)
     gen = torch.Generator().manual_seed(7)
     x = (offset + torch.randn(3, 4, 16, 16, generator=gen)).float()

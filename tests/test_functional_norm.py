@@ -433,6 +433,7 @@ def backward_forms(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 @pytest.mark.parametrize("mean", [1.5, 1e3])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 3), (1, 2, 3, 3, 2), (3, 4, 2, 2)], ids=str)
 @pytest.mark.parametrize("form", ["kernel", "centred", "folded"])
+@pytest.mark.usefixtures("blockwise_at_any_size")
 def test_channels_last_backward_forms_gradcheck(
     shape: tuple[int, ...],
     form: str,
@@ -446,8 +447,6 @@ def test_channels_last_backward_forms_gradcheck(
     # at a small size: float64 gradcheck and gradgradcheck with a shared affine map (instance
     # norm) and with a per-sample one (conditional instance norm, AdaIN). At a mean of 1e3 the
     # forward refines its statistics and the double backward recomputes at that mean.
-    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
-    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
     monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0 if form == "kernel" else 1 << 40)
     bound = math.inf if form == "folded" else -1.0
     monkeypatch.setattr(functional, "_PRECISE_GRADIENT_ABOVE_RATIO", bound)
@@ -628,6 +627,7 @@ def test_contiguous_instance_norm_with_tiny_spread_as_precise_as_torch(
 @pytest.mark.parametrize("offset", [0.0, 0.9, 3.0, 30.0, 1e3, 1e4])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("spread", [1.0, 1e-4])
+@pytest.mark.usefixtures("blockwise_at_any_size")
 def test_channels_last_instance_norm_as_precise_as_torch_at_large_mean(
     offset: float,
     batch: int,
@@ -640,14 +640,13 @@ def test_channels_last_instance_norm_as_precise_as_torch_at_large_mean(
     # sample) torch's batch-norm backward kernel; both must match torch.nn's error. With a
     # spread far below sqrt(eps) the decision is still |mean|/std (|mean|/sqrt(var + eps) would
     # fold at 30, with 6.7x torch.nn's weight-gradient error).
-    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
-    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
     monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0)
     _assert_as_precise_as_torch_nn(offset, torch.float32, torch.channels_last, batch, spread)
     assert backward_forms == ([False] if batch > 1 and offset < 1 else [])
 
 
 @pytest.mark.parametrize("value", [0.0, 0.5, 1e3, 12345.0])
+@pytest.mark.usefixtures("blockwise_at_any_size")
 def test_channels_last_constant_channel_exact(
     value: float, backward_forms: list[bool], monkeypatch: pytest.MonkeyPatch
 ):
@@ -656,8 +655,6 @@ def test_channels_last_constant_channel_exact(
     # the other gradients as close to float64 as torch.nn's. A nonzero constant v counts as
     # |mean| / sqrt(eps) = v / sqrt(eps), so it takes the exact forms (the folded backward
     # gave a weight gradient of -1.31 at 1e3); an all-zero channel may fold.
-    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
-    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)
     monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 4, 16, 16, generator=gen)
