@@ -7,8 +7,9 @@ Each JSON file is what ``run.py --json`` writes. Several files are merged: a cas
 once keeps its median run (the lower middle one for an even count), so repeated runs damp the
 noise of a shared machine. The targets are checked on the float32
 rows of each device against the eager baselines; the rows of ``run.py --compile`` (ours against
-the compiled baseline, and both compiled) get tables of their own; the full table has one line
-per case and baseline, with both passes side by side.
+the compiled baseline, and both compiled) and of ``--self-check`` (the baseline against itself)
+get tables of their own; the full table has one line per case and baseline, with both passes
+side by side.
 """
 
 from __future__ import annotations
@@ -52,19 +53,20 @@ class Target:
         return value <= self.maximum
 
 
-# The baseline names of ``run.py --compile``'s extra rows: ours against the compiled baseline,
-# and both compiled. The targets are set against the eager baselines; these get tables of their
-# own.
+# The baseline names of ``run.py``'s extra rows: ours against the compiled baseline and both
+# compiled (``--compile``), the baseline against itself (``--self-check``). The targets are set
+# against the eager baselines; these get tables of their own.
 COMPILED_BASELINE = "torch.compile(baseline)"
 BOTH_COMPILED = "both compiled"
-COMPILED = (COMPILED_BASELINE, BOTH_COMPILED)
+SELF_CHECK = "baseline against itself"
+EXTRA_ROWS = (COMPILED_BASELINE, BOTH_COMPILED, SELF_CHECK)
 
 
 def _is(op: str, pass_: str | None = None, layout: str | None = None) -> Callable[[Row], bool]:
     def applies(row: Row) -> bool:
         return (
             row["op"] == op
-            and row["baseline"] not in COMPILED
+            and row["baseline"] not in EXTRA_ROWS
             and (pass_ is None or row["pass"] == pass_)
             and (layout is None or row["layout"] == layout)
         )
@@ -151,21 +153,21 @@ def target_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def compiled_table(rows: list[Row], baseline: str) -> list[str]:
-    """The ratios of the rows with this ``run.py --compile`` baseline, per operation, pass and
-    layout, over the shapes; none if no row has it."""
-    compiled = [r for r in rows if r["baseline"] == baseline and r["ratio"] is not None]
-    if not compiled:
+def extra_table(rows: list[Row], baseline: str) -> list[str]:
+    """The ratios of the rows with this extra baseline (:data:`EXTRA_ROWS`), per operation, pass
+    and layout, over the shapes; none if no row has it."""
+    extra = [r for r in rows if r["baseline"] == baseline and r["ratio"] is not None]
+    if not extra:
         return []
-    layouts = sorted({r["layout"] for r in compiled}, key=lambda name: name != "contiguous")
-    present = {(r["pass"], r["layout"]) for r in compiled}
+    layouts = sorted({r["layout"] for r in extra}, key=lambda name: name != "contiguous")
+    present = {(r["pass"], r["layout"]) for r in extra}
     columns = [(p, lay) for p in ("fwd", "fwd+bwd") for lay in layouts if (p, lay) in present]
     lines = [
         f"| device | op | dtype | {' | '.join(f'{p} {layout}' for p, layout in columns)} |",
         "|---|---|---|" + "---|" * len(columns),
     ]
     cases: dict[tuple[str, str, str], list[Row]] = {}
-    for row in compiled:
+    for row in extra:
         cases.setdefault((row["device"], row["op"], row["dtype"]), []).append(row)
     for (device, op, dtype), selected in cases.items():
         cells = []
@@ -225,11 +227,12 @@ def report(paths: list[str]) -> str:
     titles = {
         COMPILED_BASELINE: "Ours against the compiled baseline (ratio = its time / ours):",
         BOTH_COMPILED: "Both compiled (ratio = compiled baseline / compiled ours):",
+        SELF_CHECK: "The baseline against itself (ratio = its time / its time again: noise alone):",
     }
     for baseline, title in titles.items():
-        compiled = compiled_table(rows, baseline)
-        if compiled:
-            out += ["", title, "", *compiled]
+        extra = extra_table(rows, baseline)
+        if extra:
+            out += ["", title, "", *extra]
     out += ["", *full_table(rows)]
     return "\n".join(out).strip() + "\n"
 

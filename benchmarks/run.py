@@ -12,6 +12,8 @@ faster), and each time divided by one ``clone()`` of the input (the memory-bandw
 Baselines: ``torch.nn`` for the drop-in layers, and the plain formula people copy (separate
 mean/var/expand ops) for everything else. ``--compile`` adds two rows per case: ours against
 ``torch.compile`` of the baseline, and both compiled (what a user who compiles the model gets).
+``--self-check`` adds a row that times the baseline against itself, alternated the same way:
+its ratio would be 1 on a quiet machine, so its spread is what noise alone does to a ratio.
 ``--memory`` measures the peak memory of one forward+backward of each side in a fresh
 process (on CPU the growth of the peak RSS after a warm-up, Linux only; ``max_memory_allocated``
 on CUDA).
@@ -67,9 +69,11 @@ class Case:
     baseline_name: str
 
 
-# Baseline names of the rows that ``--compile`` adds (benchmarks/report.py tables them apart).
+# Baseline names of the rows that ``--compile`` and ``--self-check`` add (benchmarks/report.py
+# tables them apart).
 COMPILED_BASELINE = "torch.compile(baseline)"
 BOTH_COMPILED = "both compiled"
+SELF_CHECK = "baseline against itself"
 
 
 # ---------------------------------------------------------------- plain formulas (baselines)
@@ -368,6 +372,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--compile-backend", default="inductor", help="torch.compile backend for --compile"
     )
     parser.add_argument(
+        "--self-check",
+        action="store_true",
+        help="also the baseline against itself: the spread that noise alone gives a ratio",
+    )
+    parser.add_argument(
         "--offset",
         type=float,
         default=0.5,
@@ -511,6 +520,8 @@ def _bench_one(
         compiled_baseline = torch.compile(case.baseline, backend=backend)
         sides.append((COMPILED_BASELINE, case.ours, compiled_baseline))
         sides.append((BOTH_COMPILED, torch.compile(case.ours, backend=backend), compiled_baseline))
+    if args.self_check:
+        sides.append((SELF_CHECK, case.baseline, case.baseline))
     for backward in (False, True):
         for base_name, ours_fn, base_fn in sides:
             ours_s, base_s = time_pair(

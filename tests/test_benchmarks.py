@@ -34,23 +34,26 @@ def test_quick_run_covers_every_op(
     assert "| ratio |" in out and "torch.nn.InstanceNorm2d" in out
 
 
-def test_quick_run_with_compile_adds_both_compiled_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_run_with_compile_and_self_check_adds_their_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     module = _load("stylenorm_benchmarks", SUITE, monkeypatch)
     # aot_eager: the same capture and autograd tracing as inductor, without a C++ compiler.
     args = ["--quick", "--ops", "instance_norm,cin", "--layouts", "channels_last"]
-    args += ["--dtypes", "float32", "--allocator", "default", "--compile"]
+    args += ["--dtypes", "float32", "--allocator", "default", "--compile", "--self-check"]
     rows = module.main([*args, "--compile-backend", "aot_eager"])
+    extra = (module.COMPILED_BASELINE, module.BOTH_COMPILED, module.SELF_CHECK)
     baselines = {(row["op"], row["baseline"]) for row in rows}
     assert baselines == {
         (op, name)
         for op, eager in (("instance_norm", "torch.nn.InstanceNorm2d"), ("cin", "plain formula"))
-        for name in (eager, module.COMPILED_BASELINE, module.BOTH_COMPILED)
+        for name in (eager, *extra)
     }
-    assert len(rows) == 2 * 3 * 2  # ops x baselines x passes
+    assert len(rows) == 2 * 4 * 2  # ops x baselines x passes
     assert all(row["ratio"] > 0 for row in rows)
     # the report tables these rows apart by the same names
     report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
-    assert report.COMPILED == (module.COMPILED_BASELINE, module.BOTH_COMPILED)
+    assert report.EXTRA_ROWS == extra
 
 
 @pytest.mark.skipif(
@@ -135,7 +138,7 @@ def test_report_keeps_the_median_run_and_memory_from_the_memory_run(
     assert rows[0]["ratio"] == 2.5
 
 
-def test_report_keeps_compiled_rows_out_of_the_targets(
+def test_report_keeps_compiled_and_self_check_rows_out_of_the_targets(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
@@ -144,6 +147,7 @@ def test_report_keeps_compiled_rows_out_of_the_targets(
         _cin_row(baseline=report.COMPILED_BASELINE, baseline_ms=0.5),
         _cin_row(layout="channels_last", baseline=report.COMPILED_BASELINE, baseline_ms=1.5),
         _cin_row(baseline=report.BOTH_COMPILED, baseline_ms=2.0),
+        _cin_row(baseline=report.SELF_CHECK, ours_ms=5.0, baseline_ms=4.5),
     ]
     for r in rows:
         r.update(ratio=r["baseline_ms"] / r["ours_ms"])
@@ -156,6 +160,10 @@ def test_report_keeps_compiled_rows_out_of_the_targets(
     assert lines[lines.index(header) + 2] == "| cpu | cin | float32 | 0.50x | 1.50x |"
     header = "| device | op | dtype | fwd+bwd contiguous |"
     assert lines[lines.index(header) + 2] == "| cpu | cin | float32 | 2.00x |"
+    self_check = lines.index(
+        "The baseline against itself (ratio = its time / its time again: noise alone):"
+    )
+    assert lines[self_check + 4] == "| cpu | cin | float32 | 0.90x |"
 
 
 def _cin_row(**fields: Any) -> dict[str, Any]:
