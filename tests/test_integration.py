@@ -894,7 +894,7 @@ def test_compile_channels_last_traces_the_formula_only_with_a_gradient(
             _close(y, expected.detach(), tol)
             group_norm = any("group_norm" in target for target in seen)
             assert group_norm is not grad, seen
-            assert any("var_mean" in target for target in seen) is grad, seen
+            assert ("mean" in seen) is grad, seen  # the formula's reductions
     finally:
         torch._dynamo.reset()
 

@@ -433,14 +433,14 @@ def _formula_norm(
     """
     acc = stats.compute_dtype(x.dtype)
     ones = (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ...), (N, C) -> (N, C, 1, ...)
-    xs = x.to(acc)
-    mean, var = stats._formula_mean_var(xs)
+    mean, deviations, offset, var = stats._formula_deviations(x.to(acc))
     a = torch.rsqrt(var + eps)
     if scale is not None:
         a = a * scale.to(acc).reshape(scale.shape + ones)
-    y = (xs - mean) * a
+    b = -offset * a  # (x - mean) a = d a - offset a, with d = x - rough
     if shift is not None:
-        y = y + shift.to(acc).reshape(shift.shape + ones)
+        b = b + shift.to(acc).reshape(shift.shape + ones)
+    y = torch.addcmul(b, deviations, a)
     n, c = x.shape[0], x.shape[1]
     return y.to(x.dtype), mean.reshape(n, c), var.reshape(n, c)
 

@@ -273,6 +273,8 @@ def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Te
         \sigma^2 = \frac{\sum d^2}{M} - \Big(\frac{\sum d}{M}\Big)^2
     """
     acc = compute_dtype(positions.dtype)
+    if positions.numel() <= _SMALL_POSITIONS_NUMEL:
+        return _small_positions_mean_var(positions.to(acc), eps)
     n, m, c = positions.shape
     parts = _virtual_samples(positions)
     runs = _split_samples(positions, parts)
@@ -301,6 +303,23 @@ def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Te
     ratio = _largest_mean_to_std(mean, _inverse_spread(var, eps), positions, math.nan)
     if ratio > _REFINE_ABOVE_RATIO:
         mean, var = _shifted(mean, var, centred_sums(square=False) / m)
+    return mean, var, ratio
+
+
+# Up to this many values, :func:`_positions_mean_var` takes whole-tensor ops
+# (:func:`_small_positions_mean_var`) instead of its blocks and runs of positions.
+_SMALL_POSITIONS_NUMEL = 1 << 17
+
+
+def _small_positions_mean_var(values: Tensor, eps: float) -> tuple[Tensor, Tensor, float]:
+    """:func:`_positions_mean_var` of a small ``(N, M, C)`` tensor in its compute dtype, in a
+    few whole-tensor ops: the corrected two-pass algorithm, always (its third reduction runs on
+    deviations already in cache)."""
+    estimate = values.mean(1)
+    deviations = values - estimate.unsqueeze(1)
+    shift = deviations.mean(1)
+    mean, var = _shifted(estimate, deviations.square_().mean(1), shift)
+    ratio = _largest_mean_to_std(mean, _inverse_spread(var, eps), values, math.nan)
     return mean, var, ratio
 
 
@@ -523,17 +542,32 @@ def _mean_var(x: Tensor, correction: float, mask: Tensor | None) -> tuple[Tensor
     return _MeanVar.forward(x, float(correction))
 
 
-def _formula_mean_var(xs: Tensor, correction: float = 0.0) -> tuple[Tensor, Tensor]:
-    r"""Mean and variance over the spatial dims of ``xs`` (already in its compute dtype) as plain
-    differentiable torch ops, kept as ``(N, C, 1, ...)``: the corrected two-pass algorithm, the
-    statistics of ``xs - rough`` about a first mean :math:`\tilde\mu` (detached: the result
-    does not depend on it in exact arithmetic), so sums that add one by one (a compiler's) do
-    not cost digits at large means. For forward-mode derivatives, and for formulas that
-    torch.compile traces (``functional._formula_norm``)."""
+def _formula_deviations(xs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""The corrected two-pass statistics over the spatial dims of ``xs`` (already in its compute
+    dtype) as plain differentiable torch ops: the mean :math:`\mu = \tilde\mu + \delta`, the
+    deviations :math:`d = x - \tilde\mu` (full size) from a first mean :math:`\tilde\mu`
+    (detached: nothing depends on it in exact arithmetic), their mean :math:`\delta` and the
+    variance :math:`\overline{d^2} - \delta^2`, the statistics kept as ``(N, C, 1, ...)``.
+    Sums that add one by one (a compiler's) do not cost digits at large means, and ``d`` is
+    formed element by element from a mean close to the true one, so outputs built on it
+    (:math:`x - \mu = d - \delta`) stay exact there."""
     dims = tuple(range(2, xs.dim()))
     rough = xs.detach().mean(dims, keepdim=True)
-    var, offset = torch.var_mean(xs - rough, dims, correction=correction, keepdim=True)
-    return rough + offset, var
+    deviations = xs - rough
+    offset = deviations.mean(dims, keepdim=True)
+    mean, var = _shifted(rough, deviations.square().mean(dims, keepdim=True), offset)
+    return mean, deviations, offset, var
+
+
+def _formula_mean_var(xs: Tensor, correction: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Mean and variance over the spatial dims of ``xs`` (already in its compute dtype) as plain
+    differentiable torch ops, kept as ``(N, C, 1, ...)``: :func:`_formula_deviations`'s,
+    with the variance divided by ``M - correction``. For forward-mode derivatives."""
+    mean, _, _, var = _formula_deviations(xs)
+    if correction:
+        m = _num_positions(xs)
+        var = var * (m / (m - correction))
+    return mean, var
 
 
 def _recording(*tensors: Tensor | None) -> bool:
