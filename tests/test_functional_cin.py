@@ -75,6 +75,27 @@ def test_channels_last_matches_reference_and_keeps_format(mode: str) -> None:
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_channels_last_without_gradient_is_exact_at_large_mean(offset: float) -> None:
+    # Small channels_last float32 input without a gradient takes the whole-tensor formula:
+    # within 4x the error of rounding float64's output to float32, at a mean of 1e3 too.
+    gen = torch.Generator().manual_seed(3)
+    x = offset + torch.randn(2, 64, 8, 8, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(4, 64, generator=gen) + 0.5, torch.randn(4, 64, generator=gen)
+    ids = torch.tensor([1, 3])
+    assert functional._formula_fits(x, weight, bias)
+    with torch.no_grad():
+        out = conditional_instance_norm(x, ids, weight, bias)
+    expected = torch.from_numpy(
+        reference.conditional_instance_norm(_np(x), ids.numpy(), _np(weight), _np(bias))
+    )
+    scale = float(expected.abs().max())
+    rounding = float((expected.float().double() - expected).abs().max()) / scale
+    assert float((out.double() - expected).abs().max()) / scale <= 4 * rounding
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_non_contiguous_input() -> None:
     x, weight, bias = _make(spatial=(6, 5))
     xt = x.transpose(2, 3)

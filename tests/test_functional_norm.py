@@ -645,6 +645,63 @@ def test_channels_last_instance_norm_as_precise_as_torch_at_large_mean(
     assert backward_forms == ([False] if batch > 1 and offset < 1 else [])
 
 
+@pytest.mark.parametrize("offset", [0.0, 30.0, 1e3, 1e4])
+@pytest.mark.parametrize("spread", [1.0, 1e-4])
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8), (1, 64, 4, 4, 4)], ids=str)
+def test_channels_last_without_gradient_is_exact_at_any_mean(
+    shape: tuple[int, ...], offset: float, spread: float
+):
+    # Small channels_last input that records no gradient takes the whole-tensor formula
+    # (corrected two-pass statistics, output formed on x - mean): output within 4x the error
+    # of rounding float64's to float32 at every mean (measured: 1.2e-7 at most, where
+    # torch.nn's reaches 2e-4 at 1e4), its layout kept, running statistics as float64's.
+    gen = torch.Generator().manual_seed(int(offset) + len(shape))
+    signs = torch.randn(shape[0], shape[1], *(1,) * (len(shape) - 2), generator=gen).sign()
+    x = spread * (offset * signs + torch.randn(shape, generator=gen))
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = x.contiguous(memory_format=layout)
+    weight, bias = (t.float() for t in _affine(shape[1], 7))
+    running_mean, running_var = torch.zeros(shape[1]), torch.ones(shape[1])
+    with torch.no_grad():
+        assert functional._formula_fits(x, weight, bias)
+        y = functional.instance_norm(x, running_mean, running_var, weight, bias, momentum=0.5)
+    expected = torch.from_numpy(reference.instance_norm(_np(x), _np(weight), _np(bias)))
+    scale = float(expected.abs().max())
+    rounding = float((expected.float().double() - expected).abs().max()) / scale
+    assert float((y.double() - expected).abs().max()) / scale <= 4 * rounding
+    assert y.is_contiguous(memory_format=layout)
+    want_mean, want_var = reference.instance_norm_running_stats(
+        _np(x), np.zeros(shape[1]), np.ones(shape[1]), 0.5
+    )
+    # the batch mean of per-sample means of +-offset: float32 rounding at their size
+    np.testing.assert_allclose(
+        _np(running_mean), want_mean, rtol=1e-6, atol=1e-6 * spread * max(offset, 1.0)
+    )
+    np.testing.assert_allclose(_np(running_var), want_var, rtol=1e-5)
+
+
+def test_channels_last_formula_route_only_without_gradient():
+    # The formula is for inference; a recorded gradient keeps the closed-form backward's route.
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    weight = torch.ones(64, requires_grad=True)
+    assert functional._formula_fits(x, None, None)
+    assert not functional._formula_fits(x, weight, None)
+    assert not functional._formula_fits(x.requires_grad_(), None, None)
+    with torch.no_grad():
+        assert functional._formula_fits(x, weight, None)
+    # too few (sample, channel) pairs, too few channels, too large, or contiguous: other routes
+    assert not functional._formula_fits(
+        torch.randn(1, 32, 64, 64).to(memory_format=torch.channels_last)
+    )
+    assert not functional._formula_fits(
+        torch.randn(8, 8, 8, 8).to(memory_format=torch.channels_last)
+    )
+    assert not functional._formula_fits(
+        torch.randn(8, 64, 64, 64).to(memory_format=torch.channels_last)
+    )
+    assert not functional._formula_fits(torch.randn(2, 64, 8, 8))
+
+
 @pytest.mark.parametrize(
     ("dtype", "offset"),
     [(dtype, 0.0) for dtype in (torch.bfloat16, torch.float16)]

@@ -273,8 +273,6 @@ def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Te
         \sigma^2 = \frac{\sum d^2}{M} - \Big(\frac{\sum d}{M}\Big)^2
     """
     acc = compute_dtype(positions.dtype)
-    if positions.numel() <= _SMALL_POSITIONS_NUMEL:
-        return _small_positions_mean_var(positions.to(acc), eps)
     n, m, c = positions.shape
     parts = _virtual_samples(positions)
     runs = _split_samples(positions, parts)
@@ -303,23 +301,6 @@ def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Te
     ratio = _largest_mean_to_std(mean, _inverse_spread(var, eps), positions, math.nan)
     if ratio > _REFINE_ABOVE_RATIO:
         mean, var = _shifted(mean, var, centred_sums(square=False) / m)
-    return mean, var, ratio
-
-
-# Up to this many values, :func:`_positions_mean_var` takes whole-tensor ops
-# (:func:`_small_positions_mean_var`) instead of its blocks and runs of positions.
-_SMALL_POSITIONS_NUMEL = 1 << 17
-
-
-def _small_positions_mean_var(values: Tensor, eps: float) -> tuple[Tensor, Tensor, float]:
-    """:func:`_positions_mean_var` of a small ``(N, M, C)`` tensor in its compute dtype, in a
-    few whole-tensor ops: the corrected two-pass algorithm, always (its third reduction runs on
-    deviations already in cache)."""
-    estimate = values.mean(1)
-    deviations = values - estimate.unsqueeze(1)
-    shift = deviations.mean(1)
-    mean, var = _shifted(estimate, deviations.square_().mean(1), shift)
-    ratio = _largest_mean_to_std(mean, _inverse_spread(var, eps), values, math.nan)
     return mean, var, ratio
 
 
