@@ -697,7 +697,7 @@ def test_channels_last_formula_route_only_without_gradient():
         torch.randn(8, 8, 8, 8).to(memory_format=torch.channels_last)
     )
     assert not functional._formula_fits(
-        torch.randn(8, 64, 64, 64).to(memory_format=torch.channels_last)
+        torch.randn(1, 64, 64, 64).to(memory_format=torch.channels_last)
     )
     assert not functional._formula_fits(torch.randn(2, 64, 8, 8))
 
