@@ -30,6 +30,7 @@ _DISPATCHED_MODULES = {
 
 _THRESHOLDS = (
     (stats, "_BLOCKWISE_MIN_NUMEL"),
+    (stats, "_BLOCKWISE_MIN_NUMEL_WITH_GRADIENT"),
     (stats, "_BLOCKWISE_MIN_CHANNELS"),
     (functional, "_BATCH_NORM_FAST_PATH_MIN_NUMEL"),
     (functional, "_BATCH_NORM_FAST_PATH_MIN_POSITIONS"),
@@ -57,4 +58,5 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 def blockwise_at_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """channels_last input of any size takes the blockwise (N, M, C) code, as a large one does."""
     monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL", 0)
+    monkeypatch.setattr(stats, "_BLOCKWISE_MIN_NUMEL_WITH_GRADIENT", 0)
     monkeypatch.setattr(stats, "_BLOCKWISE_MIN_CHANNELS", 0)

@@ -406,3 +406,13 @@ def test_blockwise_channels_last_only_where_it_pays(kernels: str):
     assert blockwise(2, 8, 4, 4) == own
     assert blockwise(2, 8, 256, 256) == own  # narrow rows of 8 channels
     assert not stats._blockwise_channels_last(torch.empty(8, 64, 32, 32))  # contiguous
+    # 2^17 values: blockwise only where a gradient is recorded (its backward saves copies)
+    x = torch.empty(2, 64, 32, 32).contiguous(memory_format=cl)
+    weight = torch.ones(64, requires_grad=True)
+    assert stats._blockwise_channels_last(x) == own
+    assert stats._blockwise_channels_last(x, weight)
+    assert stats._blockwise_channels_last(x.requires_grad_())
+    with torch.no_grad():
+        assert stats._blockwise_channels_last(x, weight) == own
+    small = torch.empty(2, 64, 16, 32).contiguous(memory_format=cl)  # 2^16 values
+    assert stats._blockwise_channels_last(small, weight) == own
