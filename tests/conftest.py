@@ -40,18 +40,19 @@ _THRESHOLDS = (
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.module.__name__.rsplit(".", 1)[-1] in _DISPATCHED_MODULES:
-        if "kernels" not in metafunc.fixturenames:
-            metafunc.fixturenames.append("kernels")
         metafunc.parametrize("kernels", ["by-size", "own"], indirect=True)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """``"by-size"``: thresholds as shipped; ``"own"``: stylenorm's kernels at every size."""
-    if request.param == "own":
+    """``"by-size"``: thresholds as shipped; ``"own"``: stylenorm's kernels at every size.
+    Autouse, so that every test of a dispatched module gets it (a fixture a test does not ask
+    for is not set up by an indirect parametrization alone); elsewhere it is ``"by-size"``."""
+    param = getattr(request, "param", "by-size")
+    if param == "own":
         for module, name in _THRESHOLDS:
             monkeypatch.setattr(module, name, 0)
-    yield request.param
+    yield param
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ def test_channels_last_matches_reference_and_keeps_format(mode: str) -> None:
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
-def test_channels_last_without_gradient_is_exact_at_large_mean(offset: float) -> None:
+def test_channels_last_without_gradient_is_exact_at_large_mean(offset: float, kernels: str) -> None:
     # Small channels_last float32 input without a gradient takes the whole-tensor formula:
     # within 4x the error of rounding float64's output to float32, at a mean of 1e3 too.
     gen = torch.Generator().manual_seed(3)
@@ -84,7 +84,8 @@ def test_channels_last_without_gradient_is_exact_at_large_mean(offset: float) ->
     x = x.contiguous(memory_format=torch.channels_last)
     weight, bias = torch.rand(4, 64, generator=gen) + 0.5, torch.randn(4, 64, generator=gen)
     ids = torch.tensor([1, 3])
-    assert functional._formula_fits(x, weight, bias)
+    # as shipped, the whole-tensor formula; with every kernel forced, the blockwise code
+    assert functional._formula_fits(x, weight, bias) is (kernels == "by-size")
     with torch.no_grad():
         out = conditional_instance_norm(x, ids, weight, bias)
     expected = torch.from_numpy(
@@ -92,7 +93,11 @@ def test_channels_last_without_gradient_is_exact_at_large_mean(offset: float) ->
     )
     scale = float(expected.abs().max())
     rounding = float((expected.float().double() - expected).abs().max()) / scale
-    assert float((out.double() - expected).abs().max()) / scale <= 4 * rounding
+    error = float((out.double() - expected).abs().max()) / scale
+    if kernels == "by-size":
+        assert error <= 4 * rounding
+    else:  # the blockwise code, at any size: torch.nn's precision (measured 6e-6 at 1e3)
+        assert error <= 2 * _torch_nn_error(x) + 1e-6
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -346,3 +351,10 @@ def test_large_mean_gradients_as_precise_as_torch_nn(
         scale = float(e.abs().max())
         e_ours, e_theirs = float((o - e).abs().max()) / scale, float((t - e).abs().max()) / scale
         assert e_ours <= 2 * e_theirs + 1e-6, (name, e_ours, e_theirs)
+
+
+def _torch_nn_error(x: torch.Tensor) -> float:
+    """Relative error against float64 of torch.nn's instance norm (no affine) of float32 ``x``."""
+    expected = torch.from_numpy(reference.instance_norm(x.double().numpy()))
+    got = torch.nn.functional.instance_norm(x)
+    return float((got.double() - expected).abs().max() / expected.abs().max())

@@ -418,9 +418,10 @@ def _formula_norm(
     the biased statistics ``(N, C)`` in the compute dtype; half inputs are computed in float32
     and rounded once.
 
-    The statistics are the corrected two-pass ones of :func:`stats._formula_mean_var`, so the
-    float32 sums of a compiler, which add one by one, do not cost digits at large means; and
-    x - mean is formed element by element. Used where the eager kernels do not fit:
+    The statistics are the corrected two-pass ones of :func:`stats._formula_deviations`, so
+    the float32 sums of a compiler, which add one by one, do not cost digits at large means;
+    and the output is formed on its deviations, x minus a first mean, element by element (then
+    exact at any mean). Used where the eager kernels do not fit:
 
     - under torch.compile, for channels_last (and channels_last_3d) input that records a
       gradient. The compiler fuses these ops into reductions and elementwise loops on the
@@ -430,6 +431,9 @@ def _formula_norm(
       plain two-pass: 8x-29x it, the group-norm route: 19x-120x); the correction costs 5%-15%.
       Compiled without a gradient, the eager route stays: its forward is the faster one.
     - for the double backward of the closed-form Functions, which recompute the output.
+    - in eager mode on CPU, for small channels_last input that records no gradient
+      (:func:`_formula_fits`), where it is faster than the contiguous copies around torch's
+      group norm.
     """
     acc = stats.compute_dtype(x.dtype)
     ones = (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ...), (N, C) -> (N, C, 1, ...)
@@ -448,22 +452,25 @@ def _formula_norm(
 # Channels_last input that records no gradient, too small for the blockwise code (below
 # ``stats._BLOCKWISE_MIN_NUMEL`` values), in at least ``_FORMULA_MIN_INSTANCES`` (sample,
 # channel) pairs of at least 16 channels, is normalized by :func:`_formula_norm`'s whole-tensor
-# ops on its own layout instead of the contiguous copies around torch's group norm. Measured
-# forward without a gradient (CPU, float32, 2 threads, alternated in one process, 7 rounds):
-# 1.16x-2.57x faster for InstanceNorm, 1.01x-1.71x for AdaIN, from (1,512,8,8) to
-# (2,64,32,32). With fewer pairs torch's reductions over the positions barely use both
-# threads: (1,32,64,64) 414 us against 341 us, (1,16,128,128) 752 us against 276 us. From
-# 2^18 values the blockwise code is as fast or faster (0.68x-0.79x at (4,256,32,32)).
+# ops on its own layout instead of the contiguous copies around torch's group norm (on CPU, where
+# it was measured). Module forward without a gradient (CPU, float32, 2 threads, alternated in
+# one process, medians of three runs of five rounds, eight shapes of 2^15 to 2^17 values):
+# 1.30x-2.54x faster for InstanceNorm, 1.17x-1.72x for AdaIN (README). With fewer pairs
+# torch's reductions over the positions barely use both threads: (1,32,64,64) 414 us against
+# 341 us, (1,16,128,128) 752 us against 276 us. From 2^18 values the blockwise code is as fast
+# or faster (0.68x-0.79x at (4,256,32,32)).
 _FORMULA_MIN_INSTANCES = 64
 
 
 def _formula_fits(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether eager channels_last ``x`` recording no gradient (with the affine ``params``)
+    """Whether eager channels_last CPU ``x`` recording no gradient (with the affine ``params``)
     takes :func:`_formula_norm` (sizes above): a few whole-tensor ops, no transposing copies,
     and the exact corrected two-pass statistics. torch.func transforms and torch.compile keep
-    their routes."""
+    their routes. The same input with a gradient takes another route, whose output can differ
+    in the last bits."""
     return (
-        stats._memory_format(x) != torch.contiguous_format
+        x.device.type == "cpu"
+        and stats._memory_format(x) != torch.contiguous_format
         and x.shape[1] >= stats._BLOCKWISE_MIN_CHANNELS
         and x.shape[0] * x.shape[1] >= _FORMULA_MIN_INSTANCES
         and x.numel() < stats._BLOCKWISE_MIN_NUMEL
@@ -648,13 +655,20 @@ def instance_norm(
             "Expected running_mean and running_var to be defined when use_input_stats is false"
         )
     n, c = input.shape[0], input.shape[1]
-    # torch's kernel checks the (N * C,) repeated vectors; same order, same words.
-    for name, vector in (
+    vectors = (
         ("running_mean", running_mean),
         ("running_var", running_var),
         ("weight", weight),
         ("bias", bias),
-    ):
+    )
+    # torch repeats each vector N times first (Tensor.repeat refuses more than one dimension),
+    # then its kernel checks the (N * C,) repeated vectors; same order, same words.
+    if any(vector is not None and vector.dim() > 1 for _, vector in vectors):
+        raise RuntimeError(
+            "Number of dimensions of repeat dims can not be smaller than number of dimensions "
+            "of tensor"
+        )
+    for name, vector in vectors:
         if vector is not None and vector.numel() != c:
             raise RuntimeError(f"{name} should contain {n * c} elements not {n * vector.numel()}")
     if not use_input_stats:
@@ -736,7 +750,7 @@ def instance_norm(
         _update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum)
     # One group per (sample, channel) is instance norm: a single fused pass, with correct
     # gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient), and
-    # torch.nn's precision where |mean|/std is large (:func:`_contiguous_norm`). A (small)
+    # torch.nn's precision where |mean|/std is large (:func:`_contiguous_norm`). Other small
     # channels_last input is normalized contiguous and keeps its layout.
     out = _contiguous_norm(input, weight, bias, eps)
     return _in_layout(out, layout)
@@ -932,7 +946,8 @@ def _style_keepdim(t: Tensor, rank: int) -> Tensor:
 def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
     r"""``(x - \mu_{nc}) / \sqrt{\sigma^2_{nc} + \epsilon} \cdot scale + shift``, usually in
     one fused pass (:func:`_contiguous_norm`, :class:`_ChannelsLastNorm`); compiled
-    channels_last input that records a gradient takes :func:`_formula_norm`.
+    channels_last input that records a gradient, and small channels_last input that records
+    none (:func:`_formula_fits`), take :func:`_formula_norm`.
 
     ``scale`` and ``shift`` are ``(C,)`` (shared by the batch) or ``(N, C)`` (per sample), in the
     statistics' compute dtype (float32 weights with a half input are fine for the kernel).
@@ -1087,9 +1102,10 @@ def conditional_instance_norm(
     Computed as one fused group-norm pass (the batch viewed as ``N*C`` groups), with a
     precise backward (and, above |mean|/std = 30, refined statistics) where some |mean|/std
     exceeds 1; large channels_last input takes one blockwise statistics pass and one
-    scale-and-shift pass on its own layout instead, and channels_last input gives channels_last
-    output. Under torch.compile, channels_last input with a gradient is traced as the formula
-    on its own layout (corrected two-pass statistics), which compiles to a faster backward.
+    scale-and-shift pass on its own layout instead (small channels_last input without a
+    gradient, a few whole-tensor ops), and channels_last input gives channels_last output.
+    Under torch.compile, channels_last input with a gradient is traced as the formula on its
+    own layout (corrected two-pass statistics), which compiles to a faster backward.
 
     Args:
         input: features ``(N, C, *spatial)``.

@@ -152,21 +152,25 @@ _BLOCKWISE_MIN_NUMEL_WITH_GRADIENT = 1 << 17
 
 def _blockwise_channels_last(x: Tensor, *others: Tensor | None) -> bool:
     """Whether ``x`` is channels_last and large enough, in elements and in channels, for the
-    blockwise (N, M, C) code; smaller channels_last inputs are normalized contiguous. ``others``
+    blockwise (N, M, C) code; smaller channels_last inputs are reduced contiguous (and
+    normalized contiguous, or by ``functional._formula_norm``). ``others``
     are the tensors computed with ``x`` (affine parameters): the blockwise autograd Function has
     no vmap rule, so a vmapped one sends ``x`` the contiguous way too. Under torch.compile it is
     not used either (it has ``out=`` into strided views, which dynamo rejects): the statistics
     and, without a gradient, the normalization are traced the contiguous way, which the compiler
     fuses; with a gradient the normalization traces its formula
     (``functional._formula_norm``). Where ``x`` or ``others`` record a gradient, the size
-    threshold is ``_BLOCKWISE_MIN_NUMEL_WITH_GRADIENT``."""
-    recording = _recording(x, *others)
+    threshold is ``_BLOCKWISE_MIN_NUMEL_WITH_GRADIENT`` (the normalizations; the statistics'
+    own Function asks from inside its forward, where no gradient is recorded)."""
     return (
         _memory_format(x) != torch.contiguous_format
         and not _is_compiling()
         and not any(t is not None and _is_vmapped(t) for t in others)
         and x.shape[1] >= _BLOCKWISE_MIN_CHANNELS
-        and x.numel() >= (_BLOCKWISE_MIN_NUMEL_WITH_GRADIENT if recording else _BLOCKWISE_MIN_NUMEL)
+        and (
+            x.numel() >= _BLOCKWISE_MIN_NUMEL
+            or (x.numel() >= _BLOCKWISE_MIN_NUMEL_WITH_GRADIENT and _recording(x, *others))
+        )
     )
 
 
