@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -710,7 +711,7 @@ def test_vmap_over_content_masks(offset: float) -> None:
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_channels_last_without_gradient_is_exact_at_large_mean(
-    offset: float, alpha: float, kernels: str
+    offset: float, alpha: float, kernels: str, assert_small_inference_precise: Callable[..., None]
 ):
     # Small channels_last float32 content without a gradient takes the whole-tensor formula:
     # within 4x the error of rounding float64's output to float32, at a content mean of 1e3 too.
@@ -722,19 +723,6 @@ def test_channels_last_without_gradient_is_exact_at_large_mean(
     assert functional._formula_fits(content) is (kernels == "by-size")
     with torch.no_grad():
         out = adain(content, style, alpha=alpha)
-    expected = torch.from_numpy(reference.adain(_np(content), _np(style), alpha=alpha))
-    scale = float(expected.abs().max())
-    rounding = float((expected.float().double() - expected).abs().max()) / scale
-    error = float((out.double() - expected).abs().max()) / scale
-    if kernels == "by-size":
-        assert error <= 4 * rounding
-    else:  # the blockwise code, at any size: torch.nn's precision (measured 6e-6 at 1e3)
-        assert error <= 2 * _torch_nn_error(content) + 1e-6
+    expected = reference.adain(_np(content), _np(style), alpha=alpha)
+    assert_small_inference_precise(out, expected, content)
     assert out.is_contiguous(memory_format=torch.channels_last)
-
-
-def _torch_nn_error(x: torch.Tensor) -> float:
-    """Relative error against float64 of torch.nn's instance norm (no affine) of float32 ``x``."""
-    expected = torch.from_numpy(reference.instance_norm(x.double().numpy()))
-    got = torch.nn.functional.instance_norm(x)
-    return float((got.double() - expected).abs().max() / expected.abs().max())

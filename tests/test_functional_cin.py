@@ -76,7 +76,9 @@ def test_channels_last_matches_reference_and_keeps_format(mode: str) -> None:
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
-def test_channels_last_without_gradient_is_exact_at_large_mean(offset: float, kernels: str) -> None:
+def test_channels_last_without_gradient_is_exact_at_large_mean(
+    offset: float, kernels: str, assert_small_inference_precise: Callable[..., None]
+) -> None:
     # Small channels_last float32 input without a gradient takes the whole-tensor formula:
     # within 4x the error of rounding float64's output to float32, at a mean of 1e3 too.
     gen = torch.Generator().manual_seed(3)
@@ -88,16 +90,8 @@ def test_channels_last_without_gradient_is_exact_at_large_mean(offset: float, ke
     assert functional._formula_fits(x, weight, bias) is (kernels == "by-size")
     with torch.no_grad():
         out = conditional_instance_norm(x, ids, weight, bias)
-    expected = torch.from_numpy(
-        reference.conditional_instance_norm(_np(x), ids.numpy(), _np(weight), _np(bias))
-    )
-    scale = float(expected.abs().max())
-    rounding = float((expected.float().double() - expected).abs().max()) / scale
-    error = float((out.double() - expected).abs().max()) / scale
-    if kernels == "by-size":
-        assert error <= 4 * rounding
-    else:  # the blockwise code, at any size: torch.nn's precision (measured 6e-6 at 1e3)
-        assert error <= 2 * _torch_nn_error(x) + 1e-6
+    expected = reference.conditional_instance_norm(_np(x), ids.numpy(), _np(weight), _np(bias))
+    assert_small_inference_precise(out, expected, x)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -351,10 +345,3 @@ def test_large_mean_gradients_as_precise_as_torch_nn(
         scale = float(e.abs().max())
         e_ours, e_theirs = float((o - e).abs().max()) / scale, float((t - e).abs().max()) / scale
         assert e_ours <= 2 * e_theirs + 1e-6, (name, e_ours, e_theirs)
-
-
-def _torch_nn_error(x: torch.Tensor) -> float:
-    """Relative error against float64 of torch.nn's instance norm (no affine) of float32 ``x``."""
-    expected = torch.from_numpy(reference.instance_norm(x.double().numpy()))
-    got = torch.nn.functional.instance_norm(x)
-    return float((got.double() - expected).abs().max() / expected.abs().max())

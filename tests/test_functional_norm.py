@@ -658,7 +658,11 @@ def test_channels_last_instance_norm_as_precise_as_torch_at_large_mean(
 @pytest.mark.parametrize("spread", [1.0, 1e-4])
 @pytest.mark.parametrize("shape", [(2, 64, 8, 8), (1, 64, 4, 4, 4)], ids=str)
 def test_channels_last_without_gradient_is_exact_at_any_mean(
-    shape: tuple[int, ...], offset: float, spread: float, kernels: str
+    shape: tuple[int, ...],
+    offset: float,
+    spread: float,
+    kernels: str,
+    assert_small_inference_precise: Callable[..., None],
 ):
     # Small channels_last input that records no gradient takes the whole-tensor formula
     # (corrected two-pass statistics, output formed on x - mean): output within 4x the error
@@ -675,14 +679,7 @@ def test_channels_last_without_gradient_is_exact_at_any_mean(
         # as shipped, the whole-tensor formula; with every kernel forced, the blockwise code
         assert functional._formula_fits(x, weight, bias) is (kernels == "by-size")
         y = functional.instance_norm(x, running_mean, running_var, weight, bias, momentum=0.5)
-    expected = torch.from_numpy(reference.instance_norm(_np(x), _np(weight), _np(bias)))
-    scale = float(expected.abs().max())
-    rounding = float((expected.float().double() - expected).abs().max()) / scale
-    error = float((y.double() - expected).abs().max()) / scale
-    if kernels == "by-size":
-        assert error <= 4 * rounding
-    else:  # the blockwise code, at any size: torch.nn's precision (measured 6e-6 at 1e3)
-        assert error <= 2 * _torch_nn_error(x) + 1e-6
+    assert_small_inference_precise(y, reference.instance_norm(_np(x), _np(weight), _np(bias)), x)
     assert y.is_contiguous(memory_format=layout)
     want_mean, want_var = reference.instance_norm_running_stats(
         _np(x), np.zeros(shape[1]), np.ones(shape[1]), 0.5
@@ -894,10 +891,3 @@ def test_strided_and_expanded_affine_parameters(offset: float, monkeypatch: pyte
             assert (ours is None) == (theirs is None)
             if ours is not None:
                 torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
-
-
-def _torch_nn_error(x: torch.Tensor) -> float:
-    """Relative error against float64 of torch.nn's instance norm (no affine) of float32 ``x``."""
-    expected = torch.from_numpy(reference.instance_norm(x.double().numpy()))
-    got = torch.nn.functional.instance_norm(x)
-    return float((got.double() - expected).abs().max() / expected.abs().max())
