@@ -463,18 +463,20 @@ _FORMULA_MIN_INSTANCES = 64
 
 
 def _formula_fits(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether eager channels_last CPU ``x`` recording no gradient (with the affine ``params``)
-    takes :func:`_formula_norm` (sizes above): a few whole-tensor ops, no transposing copies,
-    and the exact corrected two-pass statistics. torch.func transforms and torch.compile keep
-    their routes. The same input with a gradient takes another route, whose output can differ
-    in the last bits."""
+    """Whether channels_last ``x`` (with the affine ``params``) takes :func:`_formula_norm`:
+    under torch.compile where a gradient is recorded, and in eager mode on CPU where none is,
+    for the sizes above (a few whole-tensor ops, no transposing copies, and the exact corrected
+    two-pass statistics). torch.func transforms keep their routes. The same eager input with a
+    gradient takes another route, whose output can differ in the last bits."""
+    if stats._memory_format(x) == torch.contiguous_format:
+        return False
+    if stats._is_compiling():
+        return stats._recording(x, *params)
     return (
         x.device.type == "cpu"
-        and stats._memory_format(x) != torch.contiguous_format
         and x.shape[1] >= stats._BLOCKWISE_MIN_CHANNELS
         and x.shape[0] * x.shape[1] >= _FORMULA_MIN_INSTANCES
         and x.numel() < stats._BLOCKWISE_MIN_NUMEL
-        and not stats._is_compiling()
         and not stats._recording(x, *params)
         and _plain_autograd(x, *params)
     )
@@ -712,7 +714,7 @@ def instance_norm(
     # Parameters of another dtype go to torch's kernel below, which raises torch's error.
     dtypes_match = _kernel_dtypes_match(input, weight, bias)
     if dtypes_match and _formula_fits(input, weight, bias):
-        # Small channels_last input without a gradient: whole-tensor ops on its own layout.
+        # Compiled with a gradient, or small without one: the formula on the input's layout.
         on_own_layout = _formula_norm(input, weight, bias, eps)
     elif (
         dtypes_match
@@ -728,14 +730,6 @@ def instance_norm(
         shift = None if bias is None else bias.to(stats.compute_dtype(input.dtype)).expand(n_c)
         # Half inputs are computed in float32: one rounding at the end.
         on_own_layout = _channels_last_norm(input, scale, shift, eps)
-    elif (
-        dtypes_match
-        and layout != torch.contiguous_format
-        and stats._is_compiling()
-        and stats._recording(input, weight, bias)
-    ):
-        # Compiled channels_last with a gradient: the formula on the input's layout.
-        on_own_layout = _formula_norm(input, weight, bias, eps)
     if on_own_layout is not None:
         out, mean, var = on_own_layout
         if tracking:
@@ -945,9 +939,9 @@ def _style_keepdim(t: Tensor, rank: int) -> Tensor:
 
 def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
     r"""``(x - \mu_{nc}) / \sqrt{\sigma^2_{nc} + \epsilon} \cdot scale + shift``, usually in
-    one fused pass (:func:`_contiguous_norm`, :class:`_ChannelsLastNorm`); compiled
-    channels_last input that records a gradient, and small channels_last input that records
-    none (:func:`_formula_fits`), take :func:`_formula_norm`.
+    one fused pass (:func:`_contiguous_norm`, :class:`_ChannelsLastNorm`); channels_last
+    input that :func:`_formula_fits` (compiled with a gradient, small without one) takes
+    :func:`_formula_norm`.
 
     ``scale`` and ``shift`` are ``(C,)`` (shared by the batch) or ``(N, C)`` (per sample), in the
     statistics' compute dtype (float32 weights with a half input are fine for the kernel).
@@ -959,9 +953,7 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     # The group-norm kernel refuses one value per group; the statistics path gives y = shift.
     single_position = all(size == 1 for size in x.shape[2:])
     if layout != torch.contiguous_format and not single_position:
-        if (stats._is_compiling() and stats._recording(x, scale, shift)) or _formula_fits(
-            x, scale, shift
-        ):
+        if _formula_fits(x, scale, shift):
             return _formula_norm(x, scale, shift, eps)[0]
         if not stats._blockwise_channels_last(x, scale, shift) or not _plain_autograd(
             x, scale, shift
