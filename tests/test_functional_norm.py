@@ -725,9 +725,10 @@ def test_channels_last_formula_route_only_without_gradient(kernels: str):
 def test_channels_last_half_instance_norm_as_precise_as_torch(
     dtype: torch.dtype, offset: float, monkeypatch: pytest.MonkeyPatch
 ):
-    # Half precision on the channels_last path: upcast once, statistics and output in float32,
-    # one rounding. Its errors against float64 are those of rounding float64's results (measured:
-    # equal), where torch.nn's are up to 70x larger at a mean of 30.
+    # Half precision on the channels_last path: statistics in float32 (upcast block by block),
+    # the output from torch's batch-norm kernel in float32, one rounding. Its errors against
+    # float64 are those of rounding float64's results (measured: equal), where torch.nn's are up
+    # to 70x larger at a mean of 30.
     monkeypatch.setattr(functional, "_KERNEL_MIN_SAMPLE_NUMEL", 0)
     _assert_as_precise_as_torch_nn(offset, dtype, torch.channels_last, within_rounding=True)
 
