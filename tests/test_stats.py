@@ -140,6 +140,35 @@ def test_large_mean_small_std_every_layout(layout: str):
     np.testing.assert_allclose(_np(var), ref, rtol=1e-3)
 
 
+# The |mean| / spread ratios that pick the precise paths, by hand: spread = std, or sqrt(eps) for
+# a constant channel (std 0) or an unknown one (NaN); entries with spread 0 or a NaN mean count
+# as nothing. Rows of (mean, var) and the largest ratio at eps = 1e-2 and at eps = 0.
+_RATIO_MEANS = [3.0, -8.0, math.nan, 2.0, 0.0, -5.0]
+_RATIO_VARS = [4.0, 0.0, 1.0, math.nan, 0.0, 25.0]
+_RATIO_EXPECTED = {1e-2: 80.0, 0.0: 1.5}  # eps 1e-2: 8 / 0.1; eps 0: 3 / 2 (then 5 / 5)
+
+
+@pytest.mark.parametrize("eps", sorted(_RATIO_EXPECTED))
+@pytest.mark.parametrize("route", ["python", "torch"])
+@pytest.mark.parametrize("shape", [(6,), (2, 3)])
+def test_largest_mean_to_spread_both_routes(
+    eps: float, route: str, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+):
+    # A few statistics are read as Python floats, many by torch ops: the same rule either way.
+    if route == "torch":
+        monkeypatch.setattr(stats, "_FEW_STATISTICS", 0)
+    mean = torch.tensor(_RATIO_MEANS).reshape(shape)
+    var = torch.tensor(_RATIO_VARS).reshape(shape)
+    x = torch.zeros(1, 6, 2)
+    got = stats._largest_mean_to_spread(mean, var, eps, x)
+    assert got == pytest.approx(_RATIO_EXPECTED[eps], rel=1e-6)
+    # The same rule from a given 1 / spread (inf: a constant channel without eps, left out).
+    rstd = torch.tensor([0.5, math.inf, 1.0, math.nan, 2.0, 0.2]).reshape(shape)
+    assert stats._largest_mean_to_std(mean, rstd, x) == pytest.approx(1.5, rel=1e-6)
+    assert stats._largest_mean_to_std(mean[:0], rstd[:0], x) == 0.0
+    assert math.isnan(stats._largest_mean_to_spread(mean, var, eps, x.to("meta"), math.nan))
+
+
 def test_binary_mask_equals_selected_positions():
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     mask = torch.zeros(2, 1, 6, 5, dtype=torch.bool)

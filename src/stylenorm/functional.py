@@ -496,8 +496,8 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     recording = stats._recording(x, scale, shift)
     y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
     bound = _PRECISE_GRADIENT_ABOVE_RATIO if recording else stats._REFINE_ABOVE_RATIO
-    var = rstd.detach().reciprocal().square() - eps  # group norm's, for the choice of path
-    ratio = stats._largest_mean_to_std(mean.detach(), stats._inverse_spread(var, eps), x)
+    var = rstd.detach().pow(-2).sub_(eps)  # group norm's, for the choice of path
+    ratio = stats._largest_mean_to_spread(mean.detach(), var, eps, x)
     if ratio <= bound or not _plain_autograd(x, scale, shift):
         return y
     n, c = x.shape[0], x.shape[1]
@@ -822,11 +822,12 @@ def _batch_norm_fast_path(
     float64 CPU input with spatial dims, large enough to gain (sizes above), and (C,) vectors of
     its dtype. Anything else goes to torch's function, with its checks and errors."""
     if (
-        input.device.type != "cpu"
-        or input.dtype not in (torch.float32, torch.float64)
+        input.numel() < _BATCH_NORM_FAST_PATH_MIN_NUMEL  # first: the cheapest test
         or input.dim() < 3
+        or input.numel() < 2 * input.shape[1]
+        or input.device.type != "cpu"
+        or input.dtype not in (torch.float32, torch.float64)
         or not input.is_contiguous()
-        or input.numel() < max(2 * input.shape[1], _BATCH_NORM_FAST_PATH_MIN_NUMEL, 1)
         or stats._num_positions(input) < _BATCH_NORM_FAST_PATH_MIN_POSITIONS
         or stats._is_compiling()
         or stats._is_vmapped(input)
@@ -879,11 +880,13 @@ def batch_norm(
         >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True))
         True
     """
+    if not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     tracks = running_mean is not None or running_var is not None
-    if training and input.dim() >= 2 and input.numel() == 0 and input.shape[1] > 0:
+    if input.dim() >= 2 and input.numel() == 0 and input.shape[1] > 0:
         # An empty batch (N = 0, or no spatial positions) carries no statistics: nothing to update.
         return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
-    if training and tracks and input.dtype in (torch.float16, torch.bfloat16):
+    if tracks and input.dtype in (torch.float16, torch.bfloat16):
         buffer = running_mean if running_mean is not None else running_var
         assert buffer is not None
         if buffer.dtype == torch.float32:
@@ -904,7 +907,7 @@ def batch_norm(
                 mean, var = stats._channel_mean_var(input.detach(), 1.0)
             _update_running_stats(running_mean, running_var, mean, var, momentum)
             return out
-    if training and _batch_norm_fast_path(input, running_mean, running_var, weight, bias):
+    if _batch_norm_fast_path(input, running_mean, running_var, weight, bias):
         # Contiguous float CPU input: torch's training kernel is slow here; same numbers faster.
         out, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
         if tracks:

@@ -25,6 +25,7 @@ Half and bfloat16 inputs are reduced in float32; results come back in the input'
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -47,14 +48,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+    return bool(torch.compiler.is_compiling())
 
 
 def _is_vmapped(t: Tensor) -> bool:
     """Whether ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping."""
     if _is_compiling():  # dynamo traces vmap itself and cannot trace these queries
         return False
+    return _batched_eagerly(t)
+
+
+def _batched_eagerly(t: Tensor) -> bool:
+    """:func:`_is_vmapped` for a caller that has checked it is not compiling."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
@@ -67,7 +72,7 @@ def _values_unknown(*tensors: Tensor) -> bool:
     """Whether value checks (``bool(...)`` of a reduction) must be skipped: under
     ``torch.compile``, on the meta device, or for tensors batched by ``vmap``, where reading a
     value is data-dependent control flow. Eager calls always check."""
-    return _is_compiling() or any(t.device.type == "meta" or _is_vmapped(t) for t in tensors)
+    return _is_compiling() or any(t.device.type == "meta" or _batched_eagerly(t) for t in tensors)
 
 
 def check_features(x: object, name: str = "input") -> Tensor:
@@ -310,7 +315,7 @@ def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Te
         mean = merged(run_sums) / m
     run_mean = (mean.repeat_interleave(parts, 0) if parts > 1 else mean).unsqueeze(1)
     var = centred_sums(square=True) / m
-    ratio = _largest_mean_to_std(mean, _inverse_spread(var, eps), positions, math.nan)
+    ratio = _largest_mean_to_spread(mean, var, eps, positions, math.nan)
     if ratio > _REFINE_ABOVE_RATIO:
         mean, var = _shifted(mean, var, centred_sums(square=False) / m)
     return mean, var, ratio
@@ -353,26 +358,52 @@ def _batch_mean_var_contiguous(x: Tensor) -> tuple[Tensor, Tensor]:
 _REFINE_ABOVE_RATIO = 30.0
 
 
-def _inverse_spread(var: Tensor, eps: float) -> Tensor:
-    """``1 / std``, or ``1 / sqrt(eps)`` for a constant channel: what a (sample, channel)'s
-    |mean| is measured against when choosing between a fused form whose terms cancel and an
-    exact one. Not ``1 / sqrt(var + eps)``: a spread far below ``sqrt(eps)`` cancels as much as
-    its |mean| / std says (6.7x torch.nn's weight-gradient error at |mean| / std = 30,
-    std 1e-4). With ``eps = 0`` a constant channel gives inf, which
-    :func:`_largest_mean_to_std` leaves out."""
-    return torch.rsqrt(torch.where(var > 0, var, eps))
+# Up to this many (sample, channel) statistics, :func:`_largest_mean_to_std` and
+# :func:`_largest_mean_to_spread` read them as Python floats: their chains of eight to eleven
+# torch ops on a few values cost about 1.5 us each, the Python loop about 0.1 us a value.
+_FEW_STATISTICS = 64
+
+
+def _finite_max(values: Iterable[float]) -> float:
+    """The largest finite value, 0.0 for none (NaN and infinities left out)."""
+    return max((v for v in values if math.isfinite(v)), default=0.0)
 
 
 def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float = 0.0) -> float:
     """The largest ``|mean| * rstd`` of the (sample, channel) statistics of CPU ``x`` (entries
-    with rstd = inf, constant channels of statistics without eps, excepted); ``unknown`` where
-    it cannot be read: under compile or vmap (of ``x``, or of the parameters or masks the
-    statistics came from), which cannot branch on values, and on other devices, where reading
-    it would synchronize."""
+    with rstd = inf, constant channels of statistics without eps, and NaN excepted);
+    ``unknown`` where it cannot be read: under compile or vmap (of ``x``, or of the parameters
+    or masks the statistics came from), which cannot branch on values, and on other devices,
+    where reading it would synchronize."""
     if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
         return unknown
+    if mean.numel() <= _FEW_STATISTICS:
+        pairs = zip(mean.reshape(-1).tolist(), rstd.reshape(-1).tolist(), strict=True)
+        return _finite_max(abs(m) * r for m, r in pairs)
     ratio = (mean.abs() * rstd).nan_to_num_(0.0, 0.0, 0.0)
     return float(ratio.amax()) if ratio.numel() else 0.0
+
+
+def _largest_mean_to_spread(
+    mean: Tensor, var: Tensor, eps: float, x: Tensor, unknown: float = 0.0
+) -> float:
+    """:func:`_largest_mean_to_std` with the spread ``std``, or ``sqrt(eps)`` for a constant
+    channel: what a (sample, channel)'s |mean| is measured against when choosing between a
+    fused form whose terms cancel and an exact one. Not ``sqrt(var + eps)``: a spread far below
+    ``sqrt(eps)`` cancels as much as its |mean| / std says (6.7x torch.nn's weight-gradient
+    error at |mean| / std = 30, std 1e-4). With ``eps = 0`` a constant channel does not
+    count."""
+    if x.device.type != "cpu" or _values_unknown(x, mean, var):
+        return unknown
+    if mean.numel() <= _FEW_STATISTICS:
+        root_eps = math.sqrt(eps)
+
+        def ratio(m: float, v: float) -> float:
+            spread = math.sqrt(v) if v > 0 else root_eps
+            return abs(m) / spread if spread > 0 else math.nan
+
+        return _finite_max(map(ratio, mean.reshape(-1).tolist(), var.reshape(-1).tolist()))
+    return _largest_mean_to_std(mean, torch.rsqrt(torch.where(var > 0, var, eps)), x)
 
 
 def _needs_refining(mean: Tensor, rstd: Tensor, x: Tensor) -> bool:
