@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -167,6 +168,32 @@ def test_largest_mean_to_spread_both_routes(
     assert stats._largest_mean_to_std(mean, rstd, x) == pytest.approx(1.5, rel=1e-6)
     assert stats._largest_mean_to_std(mean[:0], rstd[:0], x) == 0.0
     assert math.isnan(stats._largest_mean_to_spread(mean, var, eps, x.to("meta"), math.nan))
+
+
+def test_apply_skips_argument_binding_outside_transforms(monkeypatch: pytest.MonkeyPatch):
+    # stats._apply calls autograd.Function's base apply, without the inspect binding that
+    # Function.apply does on every call: same outputs, same backward node, same gradients.
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    expected = stats._MeanVar.apply(x, 1.0)
+    expected_grad = torch.autograd.grad(expected[0].sum() + expected[1].square().sum(), x)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("arguments bound with inspect")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(inspect, "signature", refuse)
+        mean, var = stats._apply(stats._MeanVar, x, 1.0)
+        grad = torch.autograd.grad(mean.sum() + var.square().sum(), x)
+    assert type(mean.grad_fn) is type(expected[0].grad_fn)
+    torch.testing.assert_close((mean, var), expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+    # Under a torch.func transform, the full apply (which dispatches the transform).
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        m, v = stats._apply(stats._MeanVar, t, 1.0)
+        return m.sum() + v.square().sum()
+
+    torch.testing.assert_close(torch.func.grad(loss)(x.detach()), expected_grad[0])
 
 
 def test_binary_mask_equals_selected_positions():

@@ -234,7 +234,9 @@ def _channels_last_norm(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`_ChannelsLastNorm`, its forward run directly where no gradient is recorded."""
     if stats._recording(x, scale, shift):
-        result: tuple[Tensor, Tensor, Tensor, float] = _ChannelsLastNorm.apply(x, scale, shift, eps)  # type: ignore[no-untyped-call]
+        result: tuple[Tensor, Tensor, Tensor, float] = stats._apply(
+            _ChannelsLastNorm, x, scale, shift, eps
+        )
     else:
         result = _ChannelsLastNorm.forward(x, scale, shift, eps)
     return result[:3]
@@ -513,9 +515,9 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     first = (y.detach(), mean.detach(), rstd.detach())  # no second group-norm pass
     refine = ratio > stats._REFINE_ABOVE_RATIO
     if recording:
-        result: tuple[Tensor, Tensor, Tensor] = _ContiguousNorm.apply(
-            x, full_scale, full_shift, eps, first, refine
-        )  # type: ignore[no-untyped-call]
+        result: tuple[Tensor, Tensor, Tensor] = stats._apply(
+            _ContiguousNorm, x, full_scale, full_shift, eps, first, refine
+        )
         return result[0]
     return _ContiguousNorm.forward(x, full_scale, full_shift, eps, first, refine)[0]
 
@@ -909,7 +911,7 @@ def batch_norm(
             return out
     if _batch_norm_fast_path(input, running_mean, running_var, weight, bias):
         # Contiguous float CPU input: torch's training kernel is slow here; same numbers faster.
-        out, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)  # type: ignore[no-untyped-call]
+        out, mean, var = stats._apply(_BatchNormTrain, input, weight, bias, eps)
         if tracks:
             count = input.numel() // input.shape[1]
             _update_running_stats(
@@ -1840,7 +1842,7 @@ def _gram(features: Tensor, scale: float) -> Tensor:
     recorded."""
     if not stats._recording(features):
         return _scaled_gram(features, scale)
-    gram: Tensor = _Gram.apply(features, scale)  # type: ignore[no-untyped-call]
+    gram: Tensor = stats._apply(_Gram, features, scale)
     return gram
 
 
