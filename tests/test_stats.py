@@ -128,6 +128,36 @@ def _group_norm_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.reshape(n, c), rstd.reshape(n, c)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e2, 1e3, 1e4])
+def test_small_channels_last_statistics(offset: float, kernels: str):
+    # Small channels_last input of 16+ channels and 64+ (sample, channel) pairs: as shipped, the
+    # corrected two-pass in whole-tensor ops on its layout; kernels="own": the blockwise code.
+    # Either way as close to float64 as torch.var_mean, at any mean; gradients exact.
+    gen = torch.Generator().manual_seed(4)
+    x = (offset + torch.randn(2, 32, 16, 16, generator=gen, dtype=torch.float64)).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert stats._formula_pays(x) is (kernels == "by-size")
+    mean, var = stats.mean_var(x)
+    ref_mean, ref_var = reference.mean_var(_np(x))
+    np.testing.assert_allclose(_np(var), ref_var, rtol=1e-6)
+    np.testing.assert_allclose(_np(mean), ref_mean, rtol=2e-7, atol=1e-7)
+    half_mean, half_var = stats.mean_var(x.bfloat16())
+    ref_mean, ref_var = reference.mean_var(_np(x.bfloat16()))
+    np.testing.assert_allclose(_np(half_var.float()), ref_var, rtol=1e-2)
+    np.testing.assert_allclose(_np(half_mean.float()), ref_mean, rtol=1e-2, atol=1e-2)
+    x64 = x.double().requires_grad_()
+    tiny = torch.randn(1, 64, 2, 2, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    assert stats._formula_pays(tiny) is (kernels == "by-size")
+    assert gradcheck(lambda t: stats.mean_std(t, correction=1), (tiny.requires_grad_(),))
+    mean64, var64 = stats.mean_var(x64, correction=1)
+    grad = torch.autograd.grad(mean64.sum() + var64.sum(), x64)[0]
+    m = 16 * 16
+    expected = 1 / m + 2 * (x64 - x64.mean((2, 3), keepdim=True)) / (m - 1)
+    torch.testing.assert_close(grad, expected.detach(), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d"])
 def test_large_mean_small_std_every_layout(layout: str):
     # torch's channels_last group-norm kernel cancels here (E[x^2] - E[x]^2); ours must not.

@@ -451,36 +451,18 @@ def _formula_norm(
     return y.to(x.dtype), mean.reshape(n, c), var.reshape(n, c)
 
 
-# Channels_last input that records no gradient, too small for the blockwise code (below
-# ``stats._BLOCKWISE_MIN_NUMEL`` values), in at least ``_FORMULA_MIN_INSTANCES`` (sample,
-# channel) pairs of at least 16 channels, is normalized by :func:`_formula_norm`'s whole-tensor
-# ops on its own layout instead of the contiguous copies around torch's group norm (on CPU, where
-# it was measured). Module forward without a gradient (CPU, float32, 2 threads, alternated in
-# one process, medians of three runs of five rounds, eight shapes of 2^15 to 2^17 values):
-# 1.30x-2.54x faster for InstanceNorm, 1.17x-1.72x for AdaIN (README). With fewer pairs
-# torch's reductions over the positions barely use both threads: (1,32,64,64) 414 us against
-# 341 us, (1,16,128,128) 752 us against 276 us. From 2^18 values the blockwise code is as fast
-# or faster (0.68x-0.79x at (4,256,32,32)).
-_FORMULA_MIN_INSTANCES = 64
-
-
 def _formula_fits(x: Tensor, *params: Tensor | None) -> bool:
     """Whether channels_last ``x`` (with the affine ``params``) takes :func:`_formula_norm`:
-    under torch.compile where a gradient is recorded, and in eager mode on CPU where none is,
-    for the sizes above (a few whole-tensor ops, no transposing copies, and the exact corrected
-    two-pass statistics). torch.func transforms keep their routes. The same eager input with a
-    gradient takes another route, whose output can differ in the last bits."""
+    under torch.compile where a gradient is recorded, and in eager mode where none is and
+    :func:`stats._formula_pays` (a few whole-tensor ops, no transposing copies, and the exact
+    corrected two-pass statistics). torch.func transforms keep their routes. The same eager
+    input with a gradient takes another route, whose output can differ in the last bits."""
     if stats._memory_format(x) == torch.contiguous_format:
         return False
     if stats._is_compiling():
         return stats._recording(x, *params)
     return (
-        x.device.type == "cpu"
-        and x.shape[1] >= stats._BLOCKWISE_MIN_CHANNELS
-        and x.shape[0] * x.shape[1] >= _FORMULA_MIN_INSTANCES
-        and x.numel() < stats._BLOCKWISE_MIN_NUMEL
-        and not stats._recording(x, *params)
-        and _plain_autograd(x, *params)
+        stats._formula_pays(x) and not stats._recording(x, *params) and _plain_autograd(x, *params)
     )
 
 
