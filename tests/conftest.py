@@ -34,6 +34,7 @@ _THRESHOLDS = (
     (stats, "_BLOCKWISE_MIN_NUMEL"),
     (stats, "_BLOCKWISE_MIN_NUMEL_WITH_GRADIENT"),
     (stats, "_BLOCKWISE_MIN_CHANNELS"),
+    (stats, "_VAR_MEAN_BELOW_NUMEL"),
     (functional, "_BATCH_NORM_FAST_PATH_MIN_NUMEL"),
     (functional, "_BATCH_NORM_FAST_PATH_MIN_POSITIONS"),
     (functional, "_CONTIGUOUS_NORM_MIN_NUMEL"),

@@ -88,6 +88,23 @@ def test_matches_torch_var_mean():
         torch.testing.assert_close(v, var)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_input_takes_var_mean(layout: str, dtype: torch.dtype, kernels: str):
+    # Below 4096 values the statistics are torch.var_mean's (in float32 for half input),
+    # bit for bit, as shipped; with kernels="own" our kernels, to float32 rounding.
+    x = (1e3 + torch.randn(2, 16, 8, 8)).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+    m, v = stats._mean_var(x, 0.0, None)
+    exact = kernels == "by-size"
+    torch.testing.assert_close(m, mean, rtol=0 if exact else 2e-7, atol=0)
+    torch.testing.assert_close(v, var, rtol=0 if exact else 1e-6, atol=0)
+    big = 1e3 + torch.randn(4, 16, 8, 8)  # 4096 values: our kernels
+    assert not torch.equal(stats._mean_var(big, 0.0, None)[1], torch.var_mean(big, (2, 3))[0])
+
+
 @pytest.mark.parametrize("offset", [1e2, 1e3, 1e4, 1e6])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_mean_does_not_cancel(offset: float, layout: str):

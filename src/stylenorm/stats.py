@@ -435,6 +435,14 @@ def _rows_refined_mean_var(rows: Tensor, estimate: Tensor) -> tuple[Tensor, Tens
     return _shifted(estimate, torch.cat(sums_sq) / rows.shape[1], torch.cat(sums) / rows.shape[1])
 
 
+# Below this many values :class:`_MeanVar` takes ``torch.var_mean``: its reduction (Welford's,
+# stable at any mean) is then faster than the group-norm kernel and the checks around it
+# (measured on CPU, float32: 10 us against 24 us at 1024 values, 18 against 28 at 2048, even
+# at 4096, 2.2x-5x slower from 16384), and as precise: relative errors against float64 of
+# 3e-8 to 5e-8 for the variance at means 0 to 1e4, against our kernels' 5e-8 to 1.9e-7.
+_VAR_MEAN_BELOW_NUMEL = 1 << 12
+
+
 class _MeanVar(torch.autograd.Function):
     """Mean and variance over the trailing dims with one fused reduction and a closed-form VJP.
 
@@ -444,7 +452,8 @@ class _MeanVar(torch.autograd.Function):
     |mean| / std exceeds ``_REFINE_ABOVE_RATIO`` (the kernel's float32 error grows with that
     ratio); channels_last input takes two passes on its (N, M, C) view, and a third above that
     ratio (:func:`_positions_mean_var`), or where small (:func:`_formula_pays`) the corrected
-    two-pass in whole-tensor ops (:func:`_formula_mean_var`). The backward pass is the
+    two-pass in whole-tensor ops (:func:`_formula_mean_var`). Below
+    ``_VAR_MEAN_BELOW_NUMEL`` values, ``torch.var_mean``. The backward pass is the
     exact derivative
 
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
@@ -461,7 +470,11 @@ class _MeanVar(torch.autograd.Function):
     def forward(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
         m = _num_positions(x)
-        if _blockwise_channels_last(x):
+        if x.numel() < _VAR_MEAN_BELOW_NUMEL:
+            # Tiny: one torch.var_mean, faster than the kernels' fixed cost and as precise.
+            dims = tuple(range(2, x.dim()))
+            var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dims, correction=0)
+        elif _blockwise_channels_last(x):
             # channels_last: torch's channels_last group-norm kernel computes the variance as
             # E[x^2] - E[x]^2, which cancels on features with a large mean, and a contiguous copy
             # costs a slow transposing pass. The (N, M, C) view of the same memory reduces well
