@@ -240,6 +240,12 @@ INSTANCE_CASES: list[tuple[str, Callable[[Callable[..., torch.Tensor]], torch.Te
         "negative eps eval",
         lambda f: f(_x(2, 3, 4), torch.zeros(3), torch.ones(3), use_input_stats=False, eps=-0.5),
     ),
+    # torch takes a negative eps in training too (the |mean|/spread check must not raise)
+    ("negative eps training", lambda f: f(_x(2, 3, 4, 4), eps=-1e-6)),
+    (
+        "negative eps training, channels_last",
+        lambda f: f(_x(2, 32, 4, 4).contiguous(memory_format=torch.channels_last), eps=-1e-6),
+    ),
     (
         "float64 input, float32 stats eval",
         lambda f: f(

@@ -163,12 +163,14 @@ def test_small_channels_last_statistics(offset: float, kernels: str):
     np.testing.assert_allclose(_np(half_var.float()), ref_var, rtol=1e-2)
     np.testing.assert_allclose(_np(half_mean.float()), ref_mean, rtol=1e-2, atol=1e-2)
     x64 = x.double().requires_grad_()
-    tiny = torch.randn(1, 64, 2, 2, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last
-    )
-    assert stats._formula_pays(tiny) is (kernels == "by-size")
-    assert gradcheck(lambda t: stats.mean_std(t, correction=1), (tiny.requires_grad_(),))
+    small = torch.randn(1, 64, 8, 8, dtype=torch.float64)  # 4096 values: not torch.var_mean
+    small = small.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert stats._formula_pays(small) is (kernels == "by-size")
+    assert gradcheck(lambda t: stats.mean_std(t, correction=1), (small,), fast_mode=True)
     mean64, var64 = stats.mean_var(x64, correction=1)
+    ref_mean, ref_var = reference.mean_var(_np(x64), 1)
+    np.testing.assert_allclose(_np(var64), ref_var, rtol=1e-12)
+    np.testing.assert_allclose(_np(mean64), ref_mean, rtol=1e-12, atol=1e-12)
     grad = torch.autograd.grad(mean64.sum() + var64.sum(), x64)[0]
     m = 16 * 16
     expected = 1 / m + 2 * (x64 - x64.mean((2, 3), keepdim=True)) / (m - 1)
@@ -193,7 +195,9 @@ def test_large_mean_small_std_every_layout(layout: str):
 # as nothing. Rows of (mean, var) and the largest ratio at eps = 1e-2 and at eps = 0.
 _RATIO_MEANS = [3.0, -8.0, math.nan, 2.0, 0.0, -5.0]
 _RATIO_VARS = [4.0, 0.0, 1.0, math.nan, 0.0, 25.0]
-_RATIO_EXPECTED = {1e-2: 80.0, 0.0: 1.5}  # eps 1e-2: 8 / 0.1; eps 0: 3 / 2 (then 5 / 5)
+# eps 1e-2: 8 / 0.1; eps 0: 3 / 2 (then 5 / 5); eps 1e-50 (0 in float32): 8 / 1e-25; a negative
+# eps (torch's kernels take one): no spread for the constant channels, 3 / 2.
+_RATIO_EXPECTED = {1e-2: 80.0, 0.0: 1.5, 1e-50: 8e25, -1e-2: 1.5}
 
 
 @pytest.mark.parametrize("eps", sorted(_RATIO_EXPECTED))
@@ -204,7 +208,7 @@ def test_largest_mean_to_spread_both_routes(
 ):
     # A few statistics are read as Python floats, many by torch ops: the same rule either way.
     if route == "torch":
-        monkeypatch.setattr(stats, "_FEW_STATISTICS", 0)
+        monkeypatch.setattr(stats, "_FEW_STATISTICS", -1)
     mean = torch.tensor(_RATIO_MEANS).reshape(shape)
     var = torch.tensor(_RATIO_VARS).reshape(shape)
     x = torch.zeros(1, 6, 2)

@@ -806,14 +806,14 @@ def _batch_norm_fast_path(
     float64 CPU input with spatial dims, large enough to gain (sizes above), and (C,) vectors of
     its dtype. Anything else goes to torch's function, with its checks and errors."""
     if (
-        input.numel() < _BATCH_NORM_FAST_PATH_MIN_NUMEL  # first: the cheapest test
+        stats._is_compiling()  # first: no shape guards for a compiled graph
+        or input.numel() < _BATCH_NORM_FAST_PATH_MIN_NUMEL  # then the cheapest test
         or input.dim() < 3
         or input.numel() < 2 * input.shape[1]
         or input.device.type != "cpu"
         or input.dtype not in (torch.float32, torch.float64)
         or not input.is_contiguous()
         or stats._num_positions(input) < _BATCH_NORM_FAST_PATH_MIN_POSITIONS
-        or stats._is_compiling()
         or stats._is_vmapped(input)
     ):
         return False

@@ -158,8 +158,9 @@ _BLOCKWISE_MIN_NUMEL_WITH_GRADIENT = 1 << 17
 
 def _blockwise_channels_last(x: Tensor, *others: Tensor | None) -> bool:
     """Whether ``x`` is channels_last and large enough, in elements and in channels, for the
-    blockwise (N, M, C) code; smaller channels_last inputs are reduced contiguous (and
-    normalized contiguous, or by ``functional._formula_norm``). ``others``
+    blockwise (N, M, C) code; smaller channels_last inputs are reduced by the whole-tensor
+    formula where :func:`_formula_pays`, by ``torch.var_mean`` when tiny, contiguous otherwise
+    (and normalized contiguous, or by ``functional._formula_norm``). ``others``
     are the tensors computed with ``x`` (affine parameters): the blockwise autograd Function has
     no vmap rule, so a vmapped one sends ``x`` the contiguous way too. Under torch.compile it is
     not used either (it has ``out=`` into strided views, which dynamo rejects): the statistics
@@ -267,7 +268,7 @@ def _shifted(estimate: Tensor, spread: Tensor, shift: Tensor) -> tuple[Tensor, T
 def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor, float]:
     r"""Biased mean and variance over dim 1 of an ``(N, M, C)`` tensor, ``(N, C)`` each, in the
     compute dtype (float32 for half inputs), and the largest :math:`|\mu| / \sigma` among them
-    (:func:`_largest_mean_to_std`; NaN where it cannot be read, so that every comparison with
+    (:func:`_largest_mean_to_spread`; NaN where it cannot be read, so that every comparison with
     it is False). A constant channel (:math:`\sigma = 0`) counts as :math:`|\mu| /
     \sqrt{\epsilon}`: a normalization passes its own ``eps``, at which such a channel's terms
     cancel; with ``eps = 0`` (statistics alone) it does not count.
@@ -381,7 +382,8 @@ def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float =
     if mean.numel() <= _FEW_STATISTICS:
         pairs = zip(mean.reshape(-1).tolist(), rstd.reshape(-1).tolist(), strict=True)
         return _finite_max(abs(m) * r for m, r in pairs)
-    ratio = (mean.abs() * rstd).nan_to_num_(0.0, 0.0, 0.0)
+    # In float64, like the Python floats above: no overflow to inf, which counts as nothing.
+    ratio = (mean.double().abs() * rstd.double()).nan_to_num_(0.0, 0.0, 0.0)
     return float(ratio.amax()) if ratio.numel() else 0.0
 
 
@@ -397,13 +399,14 @@ def _largest_mean_to_spread(
     if x.device.type != "cpu" or _values_unknown(x, mean, var):
         return unknown
     if mean.numel() <= _FEW_STATISTICS:
-        root_eps = math.sqrt(eps)
+        root_eps = math.sqrt(eps) if eps >= 0 else math.nan  # torch's kernels allow eps < 0
 
         def ratio(m: float, v: float) -> float:
             spread = math.sqrt(v) if v > 0 else root_eps
             return abs(m) / spread if spread > 0 else math.nan
 
         return _finite_max(map(ratio, mean.reshape(-1).tolist(), var.reshape(-1).tolist()))
+    var = var.double()  # eps in float64 too (1e-50 is 0 in float32)
     return _largest_mean_to_std(mean, torch.rsqrt(torch.where(var > 0, var, eps)), x)
 
 
@@ -597,15 +600,18 @@ def _mean_var(x: Tensor, correction: float, mask: Tensor | None) -> tuple[Tensor
 #   the blockwise code is as fast or faster (0.68x-0.79x at (4,256,32,32));
 # - statistics (:class:`_MeanVar`'s forward): 41-57 us against 66-118 us at (1,512,8,8),
 #   (2,64,16,16), (4,32,32,32) and (2,128,16,16) (a transposing copy of the first alone took 70
-#   us); even at 16 or 32 pairs ((1,16,64,64): 77 against 68 us); 4.9x slower at 2^18.
+#   us); with fewer pairs about even or slower ((1,16,64,64): 77 us against 68 us), and 4.9x
+#   slower at 2^18.
 _FORMULA_MIN_INSTANCES = 64
 
 
 def _formula_pays(x: Tensor) -> bool:
     """Whether channels_last ``x`` takes the whole-tensor formula in eager mode: on CPU (where
-    it was measured), at the sizes above."""
+    it was measured), at the sizes above. False under torch.compile, which traces the
+    contiguous statistics (and decides the normalization in ``functional._formula_fits``)."""
     return (
-        x.device.type == "cpu"
+        not _is_compiling()
+        and x.device.type == "cpu"
         and x.shape[1] >= _BLOCKWISE_MIN_CHANNELS
         and x.shape[0] * x.shape[1] >= _FORMULA_MIN_INSTANCES
         and x.numel() < _BLOCKWISE_MIN_NUMEL
@@ -652,14 +658,15 @@ def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
 
     ``autograd.Function.apply`` first binds the arguments to ``forward``'s signature with
     :mod:`inspect` to fill in defaults, about 15 us a call on CPU (measured: 21 us against 7 us
-    for a one-op Function), as long as a small op. With every argument given there are no
-    defaults to fill, so where no torch.func transform is active this calls the base
-    ``apply`` that it ends in, which runs ``forward`` and ``setup_context`` and records the
-    backward as usual. Under a transform, for a tensor wrapped by one, and under torch.compile
-    (which traces ``Function.apply`` itself), the full ``apply``."""
+    for a one-op Function), as long as a small op. With every parameter of ``forward`` given
+    (checked) there are no defaults to fill, so where no torch.func transform is active this
+    calls the base ``apply`` that it ends in, which runs ``forward`` and ``setup_context`` and
+    records the backward as usual. Under a transform, for a tensor wrapped by one, and under
+    torch.compile (which traces ``Function.apply`` itself), the full ``apply``."""
     functorch = torch._C._functorch
     if (
         _is_compiling()
+        or len(args) != function.forward.__code__.co_argcount  # defaults to fill in
         or torch._C._are_functorch_transforms_active()
         or any(isinstance(a, Tensor) and functorch.is_functorch_wrapped_tensor(a) for a in args)
     ):
