@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
+from stylenorm import functional, stats
 from stylenorm import reference as ref
-from stylenorm import stats
 from stylenorm.functional import gram_loss, gram_matrix, mean_std_loss, mmd_loss
 
 Case = dict[str, Any]
@@ -343,14 +343,30 @@ def test_gram_matrix_gradcheck(normalize: str, center: bool, masked: bool) -> No
 
 # Shapes that take each path of the Gram product: 32-row blocks with a short last block
 # (80 channels), 64-row blocks (300 channels), a single sample split into two halves of its
-# positions (then blocked), an odd position count (one plain product) and too few channels.
+# positions (then blocked), an odd position count (one plain product), too few channels and
+# too few positions (one plain product each).
 GRAM_BLOCK_SHAPES = [
-    (2, 80, 16, 16),
-    (2, 300, 4, 64),
+    (2, 80, 32, 64),
+    (2, 300, 32, 32),
     (1, 64, 64, 64),
     (1, 64, 1, 4097),
     (3, 48, 16, 16),
+    (2, 80, 16, 16),
 ]
+
+
+def test_gram_block_rule() -> None:
+    """Which rows per block the shapes above (and the benchmark's) take."""
+    rows = functional._gram_block_rows
+    assert rows(2, 80, 2048) == 32
+    assert rows(2, 300, 1024) == 64
+    assert rows(2, 64, 2048) == 32  # the two halves of (1, 64, 64, 64)
+    assert rows(3, 48, 256) == 48
+    assert rows(2, 80, 256) == 80  # too few positions: one bmm
+    assert rows(2, 128, 1024) == 32
+    assert rows(2, 64, 1024) == 64  # 2^16 values per sample: one bmm
+    assert rows(1, 512, 4096) == 512  # a batch of one: one bmm
+    assert rows(8, 64, 4096) == 32 and rows(4, 256, 1024) == 64  # benchmark shapes
 
 
 @pytest.mark.parametrize("shape", GRAM_BLOCK_SHAPES)
@@ -381,7 +397,7 @@ def test_gram_products_of_every_block_path_match_reference(
 def test_blocked_gram_gradients_and_vmap() -> None:
     """The blocked forward inside the Gram Function: gradients (fast gradcheck) and vmap."""
     gen = torch.Generator().manual_seed(6)
-    x = _randn((2, 64, 16, 16), gen).requires_grad_()
+    x = _randn((2, 64, 32, 64), gen).requires_grad_()
     assert gradcheck(lambda a: gram_matrix(a, normalize="chw"), (x,), fast_mode=True)
     # channels_last features get their gradient in their own layout (F^T S instead of S F).
     x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -391,8 +407,8 @@ def test_blocked_gram_gradients_and_vmap() -> None:
     (grad,) = torch.autograd.grad((gram_matrix(x) * weights).sum(), x)
     assert grad_cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(grad_cl, grad, rtol=1e-12, atol=1e-12)
-    xs = _randn((2, 2, 64, 16, 16), gen)
-    y = _randn((1, 64, 16, 16), gen)
+    xs = _randn((2, 2, 64, 32, 64), gen)
+    y = _randn((1, 64, 32, 64), gen)
     looped = torch.stack([gram_loss(a, y) for a in xs])
     torch.testing.assert_close(torch.func.vmap(lambda a: gram_loss(a, y))(xs), looped)
 
@@ -403,8 +419,8 @@ def test_masked_gram_in_blocks_in_both_layouts(mask_kind: str) -> None:
     forward equal to the float64 reference, gradients (fast gradcheck) equal in both layouts
     and channels_last in channels_last, and vmap of the masked loss."""
     gen = torch.Generator().manual_seed(9)
-    x = 1.5 + _randn((2, 80, 16, 16), gen)
-    mask = torch.rand(2, 1, 16, 16, generator=gen, dtype=torch.float64)
+    x = 1.5 + _randn((2, 80, 32, 64), gen)
+    mask = torch.rand(2, 1, 32, 64, generator=gen, dtype=torch.float64)
     mask = (mask < 0.6).double() if mask_kind == "binary" else 2.0 * mask
     expected = ref.gram_matrix(_np(x), "hw", _np(mask), False)
     weights = _randn((2, 80, 80), gen)
@@ -418,8 +434,8 @@ def test_masked_gram_in_blocks_in_both_layouts(mask_kind: str) -> None:
         assert grad.is_contiguous(memory_format=layout)
         grads.append(grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
-    xs = _randn((2, 2, 80, 16, 16), gen)
-    y = _randn((1, 80, 16, 16), gen)
+    xs = _randn((2, 2, 80, 32, 64), gen)
+    y = _randn((1, 80, 32, 64), gen)
     looped = torch.stack([gram_loss(a, y, mask=mask) for a in xs])
     torch.testing.assert_close(torch.func.vmap(lambda a: gram_loss(a, y, mask=mask))(xs), looped)
 
