@@ -814,7 +814,7 @@ def _batch_norm_fast_path(
         or input.dtype not in (torch.float32, torch.float64)
         or not input.is_contiguous()
         or stats._num_positions(input) < _BATCH_NORM_FAST_PATH_MIN_POSITIONS
-        or stats._is_vmapped(input)
+        or stats._batched_eagerly(input)  # not compiling: tested first
     ):
         return False
     if (running_mean is None) != (running_var is None):

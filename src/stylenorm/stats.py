@@ -379,6 +379,11 @@ def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float =
     where reading it would synchronize."""
     if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
         return unknown
+    return _largest_product(mean, rstd)
+
+
+def _largest_product(mean: Tensor, rstd: Tensor) -> float:
+    """:func:`_largest_mean_to_std` of statistics whose values can be read."""
     if mean.numel() <= _FEW_STATISTICS:
         pairs = zip(mean.reshape(-1).tolist(), rstd.reshape(-1).tolist(), strict=True)
         return _finite_max(abs(m) * r for m, r in pairs)
@@ -407,7 +412,7 @@ def _largest_mean_to_spread(
 
         return _finite_max(map(ratio, mean.reshape(-1).tolist(), var.reshape(-1).tolist()))
     var = var.double()  # eps in float64 too (1e-50 is 0 in float32)
-    return _largest_mean_to_std(mean, torch.rsqrt(torch.where(var > 0, var, eps)), x)
+    return _largest_product(mean, torch.rsqrt(torch.where(var > 0, var, eps)))
 
 
 def _needs_refining(mean: Tensor, rstd: Tensor, x: Tensor) -> bool:
