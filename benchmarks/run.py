@@ -300,7 +300,11 @@ def peak_memory(
     device: str,
     offset: float = 0.5,
 ) -> float:
-    """Peak extra memory (MiB) of one forward+backward, measured in a fresh process."""
+    """Peak extra memory (MiB) of one forward+backward after a warm-up one: on CPU in a fresh
+    process (the growth of its peak RSS), on CUDA in this one (the caching allocator's
+    ``max_memory_allocated``, which counts live tensors only)."""
+    if device == "cuda":
+        return _cuda_peak_mib(op, side, shape, layout, dtype, offset)
     args = [
         sys.executable,
         __file__,
@@ -314,22 +318,38 @@ def peak_memory(
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _measure(spec: str) -> None:
-    op, side, shape, layout, dtype_name, device, offset = json.loads(spec)
-    dtype = getattr(torch, dtype_name)
-    x = make_input(tuple(shape), layout, dtype, device, offset)
+def _side(op: str, side: str, x: Tensor) -> Callable[[Tensor], Tensor]:
     case = make_case(op, x)
     fn = case.ours if side == "ours" else case.baseline
+    assert fn is not None
+    return fn
+
+
+def _cuda_peak_mib(
+    op: str, side: str, shape: tuple[int, ...], layout: str, dtype: str, offset: float
+) -> float:
+    x = make_input(shape, layout, getattr(torch, dtype), "cuda", offset)
+    fn = _side(op, side, x)
     xg = x.detach().clone().requires_grad_()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = fn(xg)
-        out.backward(_output_grad(out, {}))
-        torch.cuda.synchronize()
-        print((torch.cuda.max_memory_allocated() - before) / 2**20)
-        return
+    cache: dict[str, Tensor] = {}
+    out = fn(xg)  # warm-up: library workspaces and the output gradient
+    out.backward(_output_grad(out, cache))
+    del out
+    xg.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn(xg)
+    out.backward(_output_grad(out, cache))
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _measure(spec: str) -> None:
+    op, side, shape, layout, dtype_name, device, offset = json.loads(spec)
+    x = make_input(tuple(shape), layout, getattr(torch, dtype_name), device, offset)
+    fn = _side(op, side, x)
+    xg = x.detach().clone().requires_grad_()
 
     def status(field: str) -> int:
         with open("/proc/self/status") as f:
@@ -436,9 +456,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                 op, shape, layout, dtype_name, device, rounds, min_run_time, args
                             )
                         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": title, "rows": rows}, f, indent=1)
+                        if args.json:  # after every case: a run cut short keeps its rows
+                            with open(args.json, "w") as f:
+                                json.dump({"header": title, "rows": rows}, f, indent=1)
     return rows
 
 

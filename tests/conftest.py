@@ -20,6 +20,7 @@ from stylenorm import functional, reference, stats
 
 # Test modules whose inputs go through the size dispatch.
 _DISPATCHED_MODULES = {
+    "test_devices",
     "test_functional_adain",
     "test_functional_cin",
     "test_functional_losses",

@@ -975,9 +975,11 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
 # --------------------------------------------------------------------------------------------
 
 
-def _cin_check_bank(weight: object, bias: object, num_channels: int) -> None:
+def _cin_check_bank(weight: object, bias: object, input: Tensor) -> None:
+    num_channels = input.shape[1]
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+    stats._check_device(weight, "weight", input)
     if weight.dim() != 2 or weight.shape[1] != num_channels:
         raise ValueError(
             f"weight must have shape (num_styles, C) = (num_styles, {num_channels}) for input "
@@ -986,6 +988,7 @@ def _cin_check_bank(weight: object, bias: object, num_channels: int) -> None:
     if bias is not None:
         if not isinstance(bias, Tensor) or not bias.is_floating_point():
             raise TypeError(f"bias must be a floating-point tensor, got {type(bias).__name__}")
+        stats._check_device(bias, "bias", input)
         if bias.shape != weight.shape:
             raise ValueError(
                 f"bias must have the shape of weight {tuple(weight.shape)}, "
@@ -1033,7 +1036,7 @@ def _cin_select(
                 f"style mixing weights must have shape (N, num_styles) = ({batch}, {num_styles}) "
                 f"or (num_styles,) = ({num_styles},), got style of shape {tuple(style.shape)}"
             )
-        mix = style.to(weight.dtype)
+        mix = style.to(device=weight.device, dtype=weight.dtype)  # like the ids below
         return mix @ weight, None if bias is None else mix @ bias
     if style.dim() == 0:
         _cin_check_ids(style, num_styles)
@@ -1108,7 +1111,7 @@ def conditional_instance_norm(
     """
     input = stats.check_features(input, "input")
     eps = _style_check_eps(eps)
-    _cin_check_bank(weight, bias, input.shape[1])
+    _cin_check_bank(weight, bias, input)
     gamma, beta = _cin_select(style, weight, bias, input.shape[0])
     dtype = stats.compute_dtype(input.dtype)
     return _cin_normalize(input, gamma.to(dtype), None if beta is None else beta.to(dtype), eps)
@@ -1155,6 +1158,7 @@ def _adain_image_stats(
 ) -> tuple[Tensor, Tensor]:
     """Mean and std ``(N or 1, C)`` of a style image batch, in the content's compute dtype."""
     s = stats.check_features(style, name)
+    stats._check_device(s, name, content, "content")
     if s.shape[1] != content.shape[1]:
         raise _adain_shape_error(name, "have the content's number of channels", s, content)
     if s.shape[0] not in (1, content.shape[0]):
@@ -1169,6 +1173,7 @@ def _adain_given_stats(value: object, name: str, content: Tensor) -> Tensor:
     """A precomputed statistic as a tensor broadcastable to ``content``, keepdim form."""
     if not isinstance(value, Tensor) or not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {type(value).__name__}")
+    stats._check_device(value, name, content, "content")
     n, c, rank = content.shape[0], content.shape[1], content.dim()
     shape = tuple(value.shape)
     if shape == (c,):
@@ -1200,7 +1205,9 @@ def _adain_check_weights(weights: object, count: int, content: Tensor) -> Tensor
             f"K={count} styles and content of shape {tuple(content.shape)}, got "
             f"style_weights of shape {tuple(weights.shape)}"
         )
-    return weights.to(stats.compute_dtype(content.dtype)).reshape(-1, count)
+    # Small control values: moved to the content's device, like CIN's style ids.
+    dtype = stats.compute_dtype(content.dtype)
+    return weights.to(device=content.device, dtype=dtype).reshape(-1, count)
 
 
 def _adain_split(value: object, name: str, images: bool) -> list[object]:
@@ -1303,7 +1310,9 @@ def _adain_check_alpha(alpha: object, content: Tensor) -> float | Tensor:
         raise TypeError(f"alpha must be a number or a floating tensor, got {type(alpha).__name__}")
     if alpha.shape not in ((), (content.shape[0],)):
         raise _adain_shape_error("alpha", "be a number or have shape () or (N,)", alpha, content)
-    return _style_keepdim(alpha.to(stats.compute_dtype(content.dtype)).reshape(-1), content.dim())
+    # Moved to the content's device, like the style weights.
+    alpha = alpha.to(device=content.device, dtype=stats.compute_dtype(content.dtype))
+    return _style_keepdim(alpha.reshape(-1), content.dim())
 
 
 def _adain_check_content_masks(masks: list[Tensor]) -> None:
@@ -1634,6 +1643,7 @@ def _check_batch(
 def _check_pair(input: object, target: object) -> tuple[Tensor, Tensor]:
     x = stats.check_features(input, "input")
     y = stats.check_features(target, "target")
+    stats._check_device(y, "target", x)
     _check_same_channels(x.shape[1], y.shape[1])
     _check_batch(x.shape[0], y.shape[0])
     return x, y

@@ -77,6 +77,16 @@ class _CachedTargetLoss(nn.Module):
     def _cache(self, name: str, value: Tensor | None) -> None:
         self.register_buffer(name, None if value is None else value.detach(), self.persistent)
 
+    def _check_input_device(self, input: object) -> None:
+        """A clear error for input on another device than the cached target (a module not
+        moved with ``.to(device)``); other bad input is left to the functional checks."""
+        target = next(self.buffers(), None)
+        if isinstance(input, Tensor) and target is not None and target.device != input.device:
+            raise ValueError(
+                f"input must be on the device of the loss's cached target ({target.device}), "
+                f"got {input.device}; move the loss with .to({str(input.device)!r})"
+            )
+
 
 class GramLoss(_CachedTargetLoss):
     r"""Gram-matrix style loss against a fixed target (Gatys et al. 2015); calls
@@ -133,6 +143,7 @@ class GramLoss(_CachedTargetLoss):
             self._cache("target_gram", _loss_gram(target, normalize, weights, self.center))
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input_device(input)
         with _autocast_off(input):
             return _gram_loss_from_gram(
                 input,
@@ -205,6 +216,7 @@ class MeanStdLoss(_CachedTargetLoss):
         self._cache("target_std", std)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input_device(input)
         with _autocast_off(input):
             return _mean_std_loss_from_stats(
                 input,
@@ -275,6 +287,7 @@ class MMDLoss(_CachedTargetLoss):
             self._cache(f"target_{name}", value)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input_device(input)
         target = _MMDSide(*(getattr(self, f"target_{name}") for name in _MMDSide._fields))
         with _autocast_off(input):
             return _mmd_loss_from_target(

@@ -96,6 +96,13 @@ def check_features(x: object, name: str = "input") -> Tensor:
     return x
 
 
+def _check_device(t: Tensor, name: str, x: Tensor, x_name: str = "input") -> None:
+    """Raise ``ValueError`` unless ``t`` is on ``x``'s device: a clear error naming the argument
+    instead of a kernel's, and no silent copy between devices."""
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the device of {x_name} ({x.device}), got {t.device}")
+
+
 def check_mask(mask: object, x: Tensor, name: str = "mask", x_name: str = "input") -> Tensor:
     """Validate a weight mask for ``x`` and return it as a floating tensor.
 
@@ -105,6 +112,7 @@ def check_mask(mask: object, x: Tensor, name: str = "mask", x_name: str = "input
     """
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    _check_device(mask, name, x, x_name)
     if mask.dim() != x.dim() or any(
         m not in (1, s) for m, s in zip(mask.shape, x.shape, strict=True)
     ):
