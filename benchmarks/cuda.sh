@@ -1,38 +1,45 @@
 #!/usr/bin/env bash
 # The checks on a CUDA machine, in one go: the device tests, the whole test suite, then the
-# benchmark table (float32 and bfloat16, the A/A check of the drop-ins, the peak memory of
-# AdaIN and CIN) and its report. Runs from the repository root with the machine's own torch:
+# benchmark table (the A/A check of the drop-ins, the peak memory of AdaIN and CIN) and its
+# report. Runs from the repository root with the machine's own torch:
 #
-#     bash benchmarks/cuda.sh OUTDIR
+#     bash benchmarks/cuda.sh OUTDIR            # DTYPES=float32 SELF_CHECK=0 to do less
 #
-# Each step has a time limit, so that one slow step cannot take the others' time.
+# It writes OUTDIR/log.txt, the JSON of each benchmark run and OUTDIR/report.md. Each step has
+# a time limit, so that one slow step cannot take the others' time.
 set -u
 out=${1:-cuda-results}
 mkdir -p "$out"
+log="$out/log.txt"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 py=python3
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
-    | tee "$out/gpu.txt"
+    2>&1 | tee "$log"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
+torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
 
-echo "== device tests"
-timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_devices.py 2>&1 \
-    | tee "$out/tests_devices.log" | tail -n 15
-echo "== whole suite"
+echo "== device tests" | tee -a "$log"
+timeout 120 $py -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_devices.py \
+    > "$out/tests.tmp" 2>&1
+tail -n 40 "$out/tests.tmp" | tee -a "$log"
+echo "== whole suite" | tee -a "$log"
 workers=$($py -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-# shellcheck disable=SC2086  # $workers is empty or two words
-timeout 100 $py -m pytest -q -p no:cacheprovider $workers 2>&1 \
-    | tee "$out/tests_all.log" | tail -n 25
+# One thread per worker; $workers is empty or two words.
+# shellcheck disable=SC2086
+OMP_NUM_THREADS=1 timeout 120 $py -m pytest -q -p no:cacheprovider -rf --tb=no $workers \
+    > "$out/tests.tmp" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.tmp" | tail -n 60 | tee -a "$log"
+rm -f "$out/tests.tmp"
 
-echo "== benchmarks"
-bench="$py benchmarks/run.py --devices cuda --rounds 3 --min-run-time 0.05"
-timeout 200 $bench --json "$out/cuda.json" > "$out/bench.log" 2>&1
-tail -n 3 "$out/bench.log"
-timeout 60 $bench --ops instance_norm,batch_norm --dtypes float32 --self-check \
-    --json "$out/cuda_self.json" > "$out/bench_self.log" 2>&1
+echo "== benchmarks" | tee -a "$log"
+bench="$py benchmarks/run.py --devices cuda --rounds 3 --min-run-time 0.02"
+timeout 200 $bench --dtypes "${DTYPES:-float32,bfloat16}" --json "$out/cuda.json" >> "$log" 2>&1
+if [ "${SELF_CHECK:-1}" = 1 ]; then
+    timeout 60 $bench --ops instance_norm,batch_norm --dtypes float32 --self-check \
+        --json "$out/cuda_self.json" >> "$log" 2>&1
+fi
 timeout 60 $bench --ops adain,cin --dtypes float32 --memory \
-    --json "$out/cuda_memory.json" > "$out/bench_memory.log" 2>&1
+    --json "$out/cuda_memory.json" >> "$log" 2>&1
 $py benchmarks/report.py "$out"/cuda*.json > "$out/report.md" 2>&1
-head -n 40 "$out/report.md"
+head -n 30 "$out/report.md"

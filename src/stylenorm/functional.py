@@ -290,6 +290,11 @@ def _group_norm_instances(
     """torch's group-norm kernel with one group per (sample, channel) of contiguous ``x``, so
     statistics and output come from one fused call; ``scale``/``shift`` None, ``(C,)`` or
     ``(N, C)``. Returns ``(y, mean, rstd)``, the statistics ``(N, C)``."""
+    if x.device.type != "cpu" and any(p is not None and p.dtype != x.dtype for p in (scale, shift)):
+        # CUDA's kernel takes parameters of the input's dtype only (the CPU's takes float32 ones
+        # with a half input): normalize in float32, as torch.nn's half instance norm does.
+        y, mean, rstd = _group_norm_instances(x.float(), scale, shift, eps)
+        return y.to(x.dtype), mean, rstd
     n, c = x.shape[0], x.shape[1]
     m = stats._num_positions(x)
     if (scale is None or scale.dim() == 1) and (shift is None or shift.dim() == 1):
@@ -999,7 +1004,7 @@ def _cin_check_bank(weight: object, bias: object, input: Tensor) -> None:
 def _cin_check_ids(ids: Tensor, num_styles: int) -> None:
     if stats._values_unknown(ids) or ids.numel() == 0:
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read (a CUDA sync), not two
     if low < 0 or high >= num_styles:
         bad = low if low < 0 else high
         raise IndexError(

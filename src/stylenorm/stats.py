@@ -165,8 +165,11 @@ _BLOCKWISE_MIN_NUMEL_WITH_GRADIENT = 1 << 17
 
 
 def _blockwise_channels_last(x: Tensor, *others: Tensor | None) -> bool:
-    """Whether ``x`` is channels_last and large enough, in elements and in channels, for the
-    blockwise (N, M, C) code; smaller channels_last inputs are reduced by the whole-tensor
+    """Whether ``x`` is channels_last, on the CPU and large enough, in elements and in
+    channels, for the blockwise (N, M, C) code. On CUDA its few dozen small ops each cost a
+    kernel launch: measured on an H200 at the benchmark shapes, InstanceNorm through it took
+    4x-10x torch.nn's time, which copies to contiguous; so there every channels_last input takes
+    that copy and torch's kernel. Smaller channels_last inputs are reduced by the whole-tensor
     formula where :func:`_formula_pays`, by ``torch.var_mean`` when tiny, contiguous otherwise
     (and normalized contiguous, or by ``functional._formula_norm``). ``others``
     are the tensors computed with ``x`` (affine parameters): the blockwise autograd Function has
@@ -179,6 +182,7 @@ def _blockwise_channels_last(x: Tensor, *others: Tensor | None) -> bool:
     own Function asks from inside its forward, where no gradient is recorded)."""
     return (
         _memory_format(x) != torch.contiguous_format
+        and x.device.type == "cpu"
         and not _is_compiling()
         and not any(t is not None and _is_vmapped(t) for t in others)
         and x.shape[1] >= _BLOCKWISE_MIN_CHANNELS
