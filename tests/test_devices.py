@@ -11,6 +11,7 @@ CPU as well, with the meta device as the other one.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import stylenorm
 from stylenorm import functional as SF
@@ -460,3 +462,49 @@ def test_drop_in_device_mismatch_raises_like_torch(name: str) -> None:
         module.weight = nn.Parameter(_other(module.weight.detach()))
         with pytest.raises(RuntimeError):
             module(x)
+
+
+# -------------------------------------------------------------------- routes off the CPU
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn: Callable[[Tensor], object], x: Tensor) -> Counter[str]:
+    with _CountOps() as mode:
+        fn(x)
+    return mode.ops
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_measured_routes_stay_on_the_cpu(layout: str) -> None:
+    """The routes measured faster on the CPU (group-norm statistics, symmetric Gram blocks,
+    blockwise channels_last code) are not taken on another device, where torch's one kernel
+    (var_mean, bmm, a contiguous copy and group norm) was measured faster (CUDA, README); the
+    meta device stands in for CUDA here."""
+    x = torch.randn(4, 256, 32, 32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    meta = x.to("meta")
+
+    def statistics(t: Tensor) -> object:
+        return stats.mean_std(t)
+
+    def gram(t: Tensor) -> object:
+        return SF.gram_matrix(t)
+
+    on_cpu, off_cpu = _ops(statistics, x), _ops(statistics, meta)
+    assert on_cpu["var_mean"] == 0
+    assert off_cpu["var_mean"] == 1 and off_cpu["native_group_norm"] == 0
+    assert _ops(gram, x)["bmm"] > 1  # the blocks on and above the diagonal
+    assert _ops(gram, meta)["bmm"] == 1
+    blockwise = layout == "channels_last"
+    assert stats._blockwise_channels_last(x) == blockwise
+    assert not stats._blockwise_channels_last(meta)
