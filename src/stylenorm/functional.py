@@ -1779,7 +1779,7 @@ def _symmetric_bmm(lhs: Tensor, rhs: Tensor) -> Tensor:
     batch, channels, positions = lhs.shape
     if lhs.device.type != "cpu":
         # The blocks are a CPU measure: on CUDA one bmm is one launch, and the blocks' dozen
-        # measured 4x-25x its time (H200, float32, 64-256 channels, 1024-65536 positions).
+        # measured 2x-25x its time (H200, float32, 64-256 channels, 1024-65536 positions).
         return torch.bmm(lhs, rhs.mT)
     if batch == 1 and positions >= 4096 and positions % 2 == 0:
         halves = (channels, 2, positions // 2)

@@ -168,7 +168,7 @@ def _blockwise_channels_last(x: Tensor, *others: Tensor | None) -> bool:
     """Whether ``x`` is channels_last, on the CPU and large enough, in elements and in
     channels, for the blockwise (N, M, C) code. On CUDA its few dozen small ops each cost a
     kernel launch: measured on an H200 at the benchmark shapes, InstanceNorm through it took
-    4x-10x torch.nn's time, which copies to contiguous; so there every channels_last input takes
+    3.4x-10x torch.nn's time, which copies to contiguous; so there every channels_last input takes
     that copy and torch's kernel. Smaller channels_last inputs are reduced by the whole-tensor
     formula where :func:`_formula_pays`, by ``torch.var_mean`` when tiny, contiguous otherwise
     (and normalized contiguous, or by ``functional._formula_norm``). ``others``
