@@ -21,20 +21,22 @@ torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
 
 echo "== device tests" | tee -a "$log"
 timeout 120 $py -m pytest -q -p no:cacheprovider -rf --tb=short tests/test_devices.py \
-    > "$out/tests.tmp" 2>&1
+    > "$out/tests.tmp" 2>&1 || echo "exit status $? (124: out of time)" >> "$out/tests.tmp"
 tail -n 40 "$out/tests.tmp" | tee -a "$log"
 echo "== whole suite" | tee -a "$log"
 workers=$($py -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 # One thread per worker; $workers is empty or two words.
 # shellcheck disable=SC2086
 OMP_NUM_THREADS=1 timeout 120 $py -m pytest -q -p no:cacheprovider -rf --tb=no $workers \
-    > "$out/tests.tmp" 2>&1
-grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.tmp" | tail -n 60 | tee -a "$log"
+    > "$out/tests.tmp" 2>&1 || echo "exit status $? (124: out of time)" >> "$out/tests.tmp"
+grep -E "^(FAILED|ERROR)|passed|failed|exit status" "$out/tests.tmp" | tail -n 60 | tee -a "$log"
 rm -f "$out/tests.tmp"
 
 echo "== benchmarks" | tee -a "$log"
 bench="$py benchmarks/run.py --devices cuda --rounds 3 --min-run-time 0.02"
-timeout 200 $bench --dtypes "${DTYPES:-float32,bfloat16}" --json "$out/cuda.json" >> "$log" 2>&1
+timeout 200 $bench --dtypes "${DTYPES:-float32,bfloat16}" --json "$out/cuda.json" >> "$log" 2>&1 \
+    || echo "benchmarks: exit status $? (124: out of time; the JSON keeps the cases done)" \
+    | tee -a "$log"
 if [ "${SELF_CHECK:-1}" = 1 ]; then
     timeout 60 $bench --ops instance_norm,batch_norm --dtypes float32 --self-check \
         --json "$out/cuda_self.json" >> "$log" 2>&1

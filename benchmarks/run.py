@@ -457,9 +457,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             )
                         )
                         if args.json:  # after every case: a run cut short keeps its rows
-                            with open(args.json, "w") as f:
-                                json.dump({"header": title, "rows": rows}, f, indent=1)
+                            _write_json(args.json, title, rows)
+    if args.json:
+        _write_json(args.json, title, rows)
     return rows
+
+
+def _write_json(path: str, title: str, rows: list[dict[str, Any]]) -> None:
+    """Write the rows through a temporary file, so that a run killed mid-write leaves the last
+    complete file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump({"header": title, "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _row(

@@ -290,9 +290,14 @@ def _group_norm_instances(
     """torch's group-norm kernel with one group per (sample, channel) of contiguous ``x``, so
     statistics and output come from one fused call; ``scale``/``shift`` None, ``(C,)`` or
     ``(N, C)``. Returns ``(y, mean, rstd)``, the statistics ``(N, C)``."""
-    if x.device.type != "cpu" and any(p is not None and p.dtype != x.dtype for p in (scale, shift)):
+    if (
+        x.device.type != "cpu"
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and any(p is not None and p.dtype == torch.float32 for p in (scale, shift))
+    ):
         # CUDA's kernel takes parameters of the input's dtype only (the CPU's takes float32 ones
-        # with a half input): normalize in float32, as torch.nn's half instance norm does.
+        # with a half input): normalize in float32, as torch.nn's half instance norm does. Other
+        # mixes are left to the kernel's error, as on the CPU.
         y, mean, rstd = _group_norm_instances(x.float(), scale, shift, eps)
         return y.to(x.dtype), mean, rstd
     n, c = x.shape[0], x.shape[1]
@@ -479,13 +484,14 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     and gradient do not lose digits there. The bound is
     ``_PRECISE_GRADIENT_ABOVE_RATIO`` where a gradient is recorded, and
     ``stats._REFINE_ABOVE_RATIO`` (where the forward's 1/sigma starts to lose digits) where not.
+    Off the CPU (CUDA), where reading the statistics would synchronize, the group norm stands.
     Under torch.func transforms (:func:`_plain_autograd`) and torch.compile, which cannot branch
     on values, the group norm stands."""
     x = x.contiguous()
-    recording = stats._recording(x, scale, shift)
     y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
     if x.device.type != "cpu":  # the check below would synchronize: no precise path there
         return y
+    recording = stats._recording(x, scale, shift)
     bound = _PRECISE_GRADIENT_ABOVE_RATIO if recording else stats._REFINE_ABOVE_RATIO
     var = rstd.detach().pow(-2).sub_(eps)  # group norm's, for the choice of path
     ratio = stats._largest_mean_to_spread(mean.detach(), var, eps, x)
@@ -1090,8 +1096,8 @@ def conditional_instance_norm(
 
     Computed as one fused group-norm pass (the batch viewed as ``N*C`` groups), with a
     precise backward (and, above |mean|/std = 30, refined statistics) where some |mean|/std
-    exceeds 1; large channels_last input takes one blockwise statistics pass and one
-    scale-and-shift pass on its own layout instead (small channels_last input without a
+    exceeds 1 (on the CPU); large channels_last CPU input takes one blockwise statistics pass and
+    one scale-and-shift pass on its own layout instead (small channels_last input without a
     gradient, a few whole-tensor ops), and channels_last input gives channels_last output.
     Under torch.compile, channels_last input with a gradient is traced as the formula on its
     own layout (corrected two-pass statistics), which compiles to a faster backward.
@@ -1811,7 +1817,7 @@ class _Gram(torch.autograd.Function):
     r"""Scaled Gram matrices :math:`G = s\,F F^\top` of ``(N, C, M)`` features, ``(N, C, C)``.
 
     Both passes use the symmetry of the product. The forward multiplies only the blocks on and
-    above the diagonal (:func:`_symmetric_bmm`), and the backward is
+    above the diagonal (:func:`_symmetric_bmm`; on the CPU, where they pay), and the backward is
     :math:`\partial F = s\,(\partial G + \partial G^\top) F`: one batched matmul where
     autograd's generic ``bmm`` backward takes two (one per operand). The backward is written in
     differentiable ops, so double backward works.

@@ -81,11 +81,9 @@ class _CachedTargetLoss(nn.Module):
         """A clear error for input on another device than the cached target (a module not
         moved with ``.to(device)``); other bad input is left to the functional checks."""
         target = next(self.buffers(), None)
-        if isinstance(input, Tensor) and target is not None and target.device != input.device:
-            raise ValueError(
-                f"input must be on the device of the loss's cached target ({target.device}), "
-                f"got {input.device}; move the loss with .to({str(input.device)!r})"
-            )
+        if isinstance(input, Tensor) and target is not None:
+            hint = "; move the loss with .to(device)"
+            stats._check_device(input, "input", target, "the loss's cached target", hint)
 
 
 class GramLoss(_CachedTargetLoss):

@@ -8,9 +8,9 @@ holds. Only the computation is replaced, by :mod:`stylenorm.functional`:
 
 - instance norm runs as one fused group-norm pass (several times faster on CPU), with correct
   gradients for a batch of one whose incoming gradient is channels_last (torch 2.13's CPU kernel
-  returns wrong ones); channels_last input keeps its layout, and from 2^18 values and 16
-  channels up (2^17 with a gradient), or without a gradient from 64 (sample, channel) pairs of
-  16 channels, is normalized on that layout without transposing copies;
+  returns wrong ones); channels_last input keeps its layout, and on the CPU from 2^18 values
+  and 16 channels up (2^17 with a gradient), or without a gradient from 64 (sample, channel)
+  pairs of 16 channels, is normalized on that layout without transposing copies;
 - batch norm in training on contiguous float32/float64 CPU input of at least 2^19 values and 64
   positions per channel takes stylenorm's statistics and torch's evaluation kernel and training
   backward (faster, the same numbers to float32 rounding); every other case calls torch's kernel;

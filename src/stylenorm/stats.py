@@ -96,11 +96,13 @@ def check_features(x: object, name: str = "input") -> Tensor:
     return x
 
 
-def _check_device(t: Tensor, name: str, x: Tensor, x_name: str = "input") -> None:
+def _check_device(t: Tensor, name: str, x: Tensor, x_name: str = "input", hint: str = "") -> None:
     """Raise ``ValueError`` unless ``t`` is on ``x``'s device: a clear error naming the argument
     instead of a kernel's, and no silent copy between devices."""
     if t.device != x.device:
-        raise ValueError(f"{name} must be on the device of {x_name} ({x.device}), got {t.device}")
+        raise ValueError(
+            f"{name} must be on the device of {x_name} ({x.device}), got {t.device}{hint}"
+        )
 
 
 def check_mask(mask: object, x: Tensor, name: str = "mask", x_name: str = "input") -> Tensor:
@@ -473,7 +475,8 @@ class _MeanVar(torch.autograd.Function):
     ratio); channels_last input takes two passes on its (N, M, C) view, and a third above that
     ratio (:func:`_positions_mean_var`), or where small (:func:`_formula_pays`) the corrected
     two-pass in whole-tensor ops (:func:`_formula_mean_var`). Below
-    ``_VAR_MEAN_BELOW_NUMEL`` values, ``torch.var_mean``. The backward pass is the
+    ``_VAR_MEAN_BELOW_NUMEL`` values, and off the CPU (CUDA), ``torch.var_mean``. The backward
+    pass is the
     exact derivative
 
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
