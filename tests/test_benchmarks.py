@@ -22,6 +22,7 @@ def test_quick_run_covers_every_op(
     module = _load("stylenorm_benchmarks", SUITE, monkeypatch)
     # The default allocator: the steady one would change malloc settings of the test process.
     args = ["--quick", "--layouts", "contiguous,channels_last", "--allocator", "default"]
+    args += ["--devices", "cpu"]  # on a CUDA machine the suite would add the CUDA rows
     rows = module.main(args)
     ops = {row["op"] for row in rows}
     assert ops == set(module.OPS)
@@ -41,6 +42,7 @@ def test_quick_run_with_compile_and_self_check_adds_their_rows(
     # aot_eager: the same capture and autograd tracing as inductor, without a C++ compiler.
     args = ["--quick", "--ops", "instance_norm,cin", "--layouts", "channels_last"]
     args += ["--dtypes", "float32", "--allocator", "default", "--compile", "--self-check"]
+    args += ["--devices", "cpu"]
     rows = module.main([*args, "--compile-backend", "aot_eager"])
     extra = (module.COMPILED_BASELINE, module.BOTH_COMPILED, module.SELF_CHECK)
     baselines = {(row["op"], row["baseline"]) for row in rows}
@@ -81,7 +83,7 @@ def test_report_of_a_quick_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     suite = _load("stylenorm_benchmarks_run", SUITE, monkeypatch)
     report = _load("stylenorm_benchmarks_report", SUITE.with_name("report.py"), monkeypatch)
     out = tmp_path / "quick.json"
-    rows = suite.main(["--quick", "--json", str(out), "--allocator", "default"])
+    rows = suite.main(["--quick", "--json", str(out), "--allocator", "default", "--devices", "cpu"])
     text = report.report([str(out)])
     assert text.startswith("stylenorm benchmarks, ")
     # one full-table line per (op, layout, dtype) case, both passes on it
