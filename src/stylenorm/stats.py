@@ -476,8 +476,7 @@ class _MeanVar(torch.autograd.Function):
     ratio (:func:`_positions_mean_var`), or where small (:func:`_formula_pays`) the corrected
     two-pass in whole-tensor ops (:func:`_formula_mean_var`). Below
     ``_VAR_MEAN_BELOW_NUMEL`` values, and off the CPU (CUDA), ``torch.var_mean``. The backward
-    pass is the
-    exact derivative
+    pass is the exact derivative
 
         d mean / d x = 1/M,   d var / d x = 2 (x - mean) / (M - correction),
 
