@@ -1508,10 +1508,13 @@ def adain(
     fused = cmask is None and per_channel and corr == 0
     if fused:
         # alpha * y + (1 - alpha) x with y an instance norm scaled by std_s and shifted by mean_s.
-        scale = (alpha_value * std_s).reshape(-1, c)
-        shift = (alpha_value * mean_s).reshape(-1, c)
-        if not shared:
-            scale, shift = scale.expand(n, c), shift.expand(n, c)
+        scale, shift = std_s, mean_s
+        if isinstance(alpha_value, Tensor) or alpha_value != 1.0:
+            scale, shift = alpha_value * scale, alpha_value * shift
+        if shared:  # (C,): the kernel's own per-channel parameters, no per-sample copies
+            scale, shift = scale.reshape(c), shift.reshape(c)
+        else:
+            scale, shift = scale.reshape(-1, c).expand(n, c), shift.reshape(-1, c).expand(n, c)
         out = _cin_normalize(content, scale, shift, eps)
         if isinstance(alpha_value, Tensor):
             return torch.addcmul(out, content, (1.0 - alpha_value).to(content.dtype))
