@@ -304,7 +304,7 @@ def peak_memory(
     process (the growth of its peak RSS), on CUDA in this one (the caching allocator's
     ``max_memory_allocated``, which counts live tensors only)."""
     if device == "cuda":
-        return _cuda_peak_mib(op, side, shape, layout, dtype, offset)
+        return _peak_mib(op, side, shape, layout, dtype, device, offset)
     args = [
         sys.executable,
         __file__,
@@ -318,58 +318,59 @@ def peak_memory(
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _side(op: str, side: str, x: Tensor) -> Callable[[Tensor], Tensor]:
+def _proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_mib(
+    op: str,
+    side: str,
+    shape: tuple[int, ...],
+    layout: str,
+    dtype: str,
+    device: str,
+    offset: float,
+) -> float:
+    """One warm-up forward+backward (one-time allocations: thread pools, library workspaces,
+    the output gradient), then the peak extra memory (MiB) of a second one: the caching
+    allocator's on CUDA, the growth of this process's peak RSS on CPU."""
+    x = make_input(tuple(shape), layout, getattr(torch, dtype), device, offset)
     case = make_case(op, x)
     fn = case.ours if side == "ours" else case.baseline
     assert fn is not None
-    return fn
-
-
-def _cuda_peak_mib(
-    op: str, side: str, shape: tuple[int, ...], layout: str, dtype: str, offset: float
-) -> float:
-    x = make_input(shape, layout, getattr(torch, dtype), "cuda", offset)
-    fn = _side(op, side, x)
     xg = x.detach().clone().requires_grad_()
     cache: dict[str, Tensor] = {}
-    out = fn(xg)  # warm-up: library workspaces and the output gradient
-    out.backward(_output_grad(out, cache))
-    del out
+
+    def forward_backward() -> None:
+        out = fn(xg)
+        out.backward(_output_grad(out, cache))
+
+    forward_backward()
     xg.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn(xg)
-    out.backward(_output_grad(out, cache))
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def _measure(spec: str) -> None:
-    op, side, shape, layout, dtype_name, device, offset = json.loads(spec)
-    x = make_input(tuple(shape), layout, getattr(torch, dtype_name), device, offset)
-    fn = _side(op, side, x)
-    xg = x.detach().clone().requires_grad_()
-
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
-
-    cache: dict[str, Tensor] = {}
-    out = fn(xg)  # warm-up: one-time allocations (thread pools, caches) and the output gradient
-    out.backward(_output_grad(out, cache))
-    del out
-    xg.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        forward_backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     # Reset the peak-RSS high-water mark to the current RSS (Linux), then measure the peak.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = status("VmRSS")
-    out = fn(xg)
-    out.backward(_output_grad(out, cache))
-    print(max(status("VmHWM") - before, 0) / 2**20)
+    before = _proc_status("VmRSS")
+    forward_backward()
+    return max(_proc_status("VmHWM") - before, 0) / 2**20
+
+
+def _measure(spec: str) -> None:
+    """``--_measure``: :func:`_peak_mib` of a JSON case, in the fresh process ``peak_memory``
+    starts."""
+    print(_peak_mib(*json.loads(spec)))
 
 
 # ---------------------------------------------------------------- main
