@@ -675,19 +675,28 @@ def _recording(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# From torch 2.14, ``autograd.Function.apply`` is the base class's apply itself, which binds
+# the arguments in C++: there is nothing for :func:`_apply` to skip.
+_APPLY_IS_BASE = torch.autograd.Function.__dict__.get("apply") is getattr(
+    torch._C._FunctionBase, "__dict__", {}
+).get("apply")
+
+
 def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
     """``function.apply(*args)``, for calls that pass every argument positionally.
 
-    ``autograd.Function.apply`` first binds the arguments to ``forward``'s signature with
-    :mod:`inspect` to fill in defaults, about 15 us a call on CPU (measured: 21 us against 7 us
-    for a one-op Function), as long as a small op. With every parameter of ``forward`` given
-    (checked) there are no defaults to fill, so where no torch.func transform is active this
-    calls the base ``apply`` that it ends in, which runs ``forward`` and ``setup_context`` and
-    records the backward as usual. Under a transform, for a tensor wrapped by one, and under
-    torch.compile (which traces ``Function.apply`` itself), the full ``apply``."""
+    Up to torch 2.13, ``autograd.Function.apply`` first binds the arguments to ``forward``'s
+    signature with :mod:`inspect` to fill in defaults, in Python, about 15 us a call on CPU
+    (measured: 21 us against 7 us for a one-op Function), as long as a small op. With every
+    parameter of ``forward`` given (checked) there are no defaults to fill, so where no
+    torch.func transform is active this calls the base ``apply`` that it ends in, which runs
+    ``forward`` and ``setup_context`` and records the backward as usual. Under a transform, for
+    a tensor wrapped by one, under torch.compile (which traces ``Function.apply`` itself), and
+    from torch 2.14 (``_APPLY_IS_BASE``), the full ``apply``."""
     functorch = torch._C._functorch
     if (
-        _is_compiling()
+        _APPLY_IS_BASE
+        or _is_compiling()
         or len(args) != function.forward.__code__.co_argcount  # defaults to fill in
         or torch._C._are_functorch_transforms_active()
         or any(isinstance(a, Tensor) and functorch.is_functorch_wrapped_tensor(a) for a in args)
