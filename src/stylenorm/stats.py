@@ -25,6 +25,7 @@ Half and bfloat16 inputs are reduced in float32; results come back in the input'
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -675,34 +676,55 @@ def _recording(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# From torch 2.14, ``autograd.Function.apply`` is the base class's apply itself, which binds
-# the arguments in C++: there is nothing for :func:`_apply` to skip.
-_APPLY_IS_BASE = torch.autograd.Function.__dict__.get("apply") is getattr(
-    torch._C._FunctionBase, "__dict__", {}
-).get("apply")
+def _ctx_style(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """A twin of ``function`` whose ``forward`` takes ``ctx`` first and calls ``function``'s
+    ``forward`` and ``setup_context``: the same computation, saved tensors and backward, and
+    its backward node bears ``function``'s name. Made once per Function, for :func:`_apply`."""
+    twin = _CTX_STYLE_TWINS.get(function)
+    if twin is None:
+
+        def forward(ctx: Any, *args: Any) -> Any:
+            output = function.forward(*args)
+            function.setup_context(ctx, args, output)
+            return output
+
+        def body(namespace: dict[str, Any]) -> None:
+            namespace["forward"] = staticmethod(forward)
+            namespace["backward"] = staticmethod(function.backward)
+            namespace["__module__"] = function.__module__
+
+        # types.new_class: torch's metaclass names the backward node after the class.
+        twin = types.new_class(function.__name__, (torch.autograd.Function,), exec_body=body)
+        twin.__qualname__ = function.__qualname__
+        _CTX_STYLE_TWINS[function] = twin
+    return twin
+
+
+_CTX_STYLE_TWINS: dict[type[torch.autograd.Function], type[torch.autograd.Function]] = {}
 
 
 def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
     """``function.apply(*args)``, for calls that pass every argument positionally.
 
-    Up to torch 2.13, ``autograd.Function.apply`` first binds the arguments to ``forward``'s
-    signature with :mod:`inspect` to fill in defaults, in Python, about 15 us a call on CPU
-    (measured: 21 us against 7 us for a one-op Function), as long as a small op. With every
-    parameter of ``forward`` given (checked) there are no defaults to fill, so where no
-    torch.func transform is active this calls the base ``apply`` that it ends in, which runs
-    ``forward`` and ``setup_context`` and records the backward as usual. Under a transform, for
-    a tensor wrapped by one, under torch.compile (which traces ``Function.apply`` itself), and
-    from torch 2.14 (``_APPLY_IS_BASE``), the full ``apply``."""
+    ``autograd.Function.apply`` of a Function with a separate ``setup_context`` (which
+    torch.func transforms need) binds the arguments to ``forward``'s signature with
+    :mod:`inspect` on every call, to fill in defaults: about 15 us a call on CPU, as long as a
+    small op (a one-op Function: 21 us against 6-7 us, torch 2.12 to 2.15). A ``forward`` that
+    takes ``ctx`` itself is applied without that binding. With every parameter of ``forward``
+    given (checked) there are no defaults to fill, so where no torch.func transform is active
+    this applies :func:`_ctx_style`'s twin, which runs the same ``forward`` and
+    ``setup_context`` and records the same backward. Under a transform, for a tensor wrapped by
+    one, and under torch.compile (which traces ``Function.apply`` itself), ``function.apply``.
+    """
     functorch = torch._C._functorch
     if (
-        _APPLY_IS_BASE
-        or _is_compiling()
+        _is_compiling()
         or len(args) != function.forward.__code__.co_argcount  # defaults to fill in
         or torch._C._are_functorch_transforms_active()
         or any(isinstance(a, Tensor) and functorch.is_functorch_wrapped_tensor(a) for a in args)
     ):
         return function.apply(*args)  # type: ignore[no-untyped-call]
-    return super(torch.autograd.Function, function).apply(*args)  # type: ignore[misc]
+    return _ctx_style(function).apply(*args)  # type: ignore[no-untyped-call]
 
 
 def _has_tangent(t: Tensor) -> bool:
