@@ -238,7 +238,6 @@ def test_apply_skips_argument_binding_outside_transforms(monkeypatch: pytest.Mon
         mean, var = stats._apply(stats._MeanVar, x, 1.0)
         grad = torch.autograd.grad(mean.sum() + var.square().sum(), x)
     assert type(mean.grad_fn).__qualname__ == type(expected[0].grad_fn).__qualname__
-    assert repr(mean.grad_fn).split(" object")[0] == repr(expected[0].grad_fn).split(" object")[0]
     assert stats._ctx_style(stats._MeanVar) is stats._ctx_style(stats._MeanVar)  # made once
     torch.testing.assert_close((mean, var), expected, rtol=0, atol=0)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)

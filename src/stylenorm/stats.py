@@ -691,11 +691,10 @@ def _ctx_style(function: type[torch.autograd.Function]) -> type[torch.autograd.F
         def body(namespace: dict[str, Any]) -> None:
             namespace["forward"] = staticmethod(forward)
             namespace["backward"] = staticmethod(function.backward)
-            namespace["__module__"] = function.__module__
+            namespace["__module__"] = __name__
 
         # types.new_class: torch's metaclass names the backward node after the class.
         twin = types.new_class(function.__name__, (torch.autograd.Function,), exec_body=body)
-        twin.__qualname__ = function.__qualname__
         _CTX_STYLE_TWINS[function] = twin
     return twin
 
