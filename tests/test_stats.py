@@ -219,6 +219,12 @@ def test_largest_mean_to_spread_both_routes(
     assert stats._largest_mean_to_std(mean, rstd, x) == pytest.approx(1.5, rel=1e-6)
     assert stats._largest_mean_to_std(mean[:0], rstd[:0], x) == 0.0
     assert math.isnan(stats._largest_mean_to_spread(mean, var, eps, x.to("meta"), math.nan))
+    # The same rule from a kernel's rstd = 1 / sqrt(var + eps), the variance recovered from it
+    # (in Python floats for a few statistics, by torch ops for many).
+    kernel_rstd = torch.rsqrt(var + eps)
+    got = stats._largest_mean_to_spread_of_rstd(mean, kernel_rstd, eps, x)
+    assert got == pytest.approx(_RATIO_EXPECTED[eps], rel=1e-6)
+    assert stats._largest_mean_to_spread_of_rstd(mean, kernel_rstd, eps, x.to("meta")) == 0.0
 
 
 def test_apply_skips_argument_binding_outside_transforms(monkeypatch: pytest.MonkeyPatch):

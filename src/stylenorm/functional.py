@@ -493,8 +493,7 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
         return y
     recording = stats._recording(x, scale, shift)
     bound = _PRECISE_GRADIENT_ABOVE_RATIO if recording else stats._REFINE_ABOVE_RATIO
-    var = rstd.detach().pow(-2).sub_(eps)  # group norm's, for the choice of path
-    ratio = stats._largest_mean_to_spread(mean.detach(), var, eps, x)
+    ratio = stats._largest_mean_to_spread_of_rstd(mean.detach(), rstd.detach(), eps, x)
     if ratio <= bound or not _plain_autograd(x, scale, shift):
         return y
     n, c = x.shape[0], x.shape[1]

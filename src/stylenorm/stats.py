@@ -419,15 +419,32 @@ def _largest_mean_to_spread(
     if x.device.type != "cpu" or _values_unknown(x, mean, var):
         return unknown
     if mean.numel() <= _FEW_STATISTICS:
-        root_eps = math.sqrt(eps) if eps >= 0 else math.nan  # torch's kernels allow eps < 0
-
-        def ratio(m: float, v: float) -> float:
-            spread = math.sqrt(v) if v > 0 else root_eps
-            return abs(m) / spread if spread > 0 else math.nan
-
-        return _finite_max(map(ratio, mean.reshape(-1).tolist(), var.reshape(-1).tolist()))
+        return _largest_ratio(mean.reshape(-1).tolist(), var.reshape(-1).tolist(), eps)
     var = var.double()  # eps in float64 too (1e-50 is 0 in float32)
     return _largest_product(mean, torch.rsqrt(torch.where(var > 0, var, eps)))
+
+
+def _largest_ratio(means: list[float], variances: Iterable[float], eps: float) -> float:
+    """:func:`_largest_mean_to_spread` of statistics read as Python floats."""
+    root_eps = math.sqrt(eps) if eps >= 0 else math.nan  # torch's kernels allow eps < 0
+
+    def ratio(m: float, v: float) -> float:
+        spread = math.sqrt(v) if v > 0 else root_eps
+        return abs(m) / spread if spread > 0 else math.nan
+
+    return _finite_max(map(ratio, means, variances))
+
+
+def _largest_mean_to_spread_of_rstd(mean: Tensor, rstd: Tensor, eps: float, x: Tensor) -> float:
+    """:func:`_largest_mean_to_spread` of statistics given as a kernel's ``mean`` and
+    ``rstd = 1 / sqrt(var + eps)``, the variance recovered as ``rstd**-2 - eps``: for up to
+    ``_FEW_STATISTICS`` of them in Python floats, two torch ops fewer (about 4 us a call)."""
+    if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
+        return 0.0
+    if mean.numel() > _FEW_STATISTICS:
+        return _largest_mean_to_spread(mean, rstd.pow(-2).sub_(eps), eps, x)
+    variances = (1.0 / (r * r) - eps if r != 0 else math.inf for r in rstd.reshape(-1).tolist())
+    return _largest_ratio(mean.reshape(-1).tolist(), variances, eps)
 
 
 def _needs_refining(mean: Tensor, rstd: Tensor, x: Tensor) -> bool:
