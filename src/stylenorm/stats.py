@@ -693,6 +693,10 @@ def _recording(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Twins of the autograd Functions, by Function (:func:`_ctx_style`).
+_CTX_STYLE_TWINS: dict[type[torch.autograd.Function], type[torch.autograd.Function]] = {}
+
+
 def _ctx_style(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
     """A twin of ``function`` whose ``forward`` takes ``ctx`` first and calls ``function``'s
     ``forward`` and ``setup_context``: the same computation, saved tensors and backward, and
@@ -714,9 +718,6 @@ def _ctx_style(function: type[torch.autograd.Function]) -> type[torch.autograd.F
         twin = types.new_class(function.__name__, (torch.autograd.Function,), exec_body=body)
         _CTX_STYLE_TWINS[function] = twin
     return twin
-
-
-_CTX_STYLE_TWINS: dict[type[torch.autograd.Function], type[torch.autograd.Function]] = {}
 
 
 def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
