@@ -225,6 +225,24 @@ def test_style_errors(style: object, error: type[Exception], needle: str) -> Non
         conditional_instance_norm(x, style, weight, bias)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [-3, 5])
+@pytest.mark.parametrize("batch", [3, 70])
+def test_out_of_range_ids_few_and_many(batch: int, bad: int) -> None:
+    # Up to 64 ids are checked as Python ints, more by one torch reduction: the same error.
+    x = torch.randn(batch, 2, 3, 3, dtype=F64)
+    weight, bias = torch.rand(5, 2, dtype=F64), torch.randn(5, 2, dtype=F64)
+    ids = torch.arange(batch) % 5
+    ids[batch // 2] = bad
+    with pytest.raises(IndexError, match=f"style id {bad} is out of range for num_styles=5"):
+        conditional_instance_norm(x, ids, weight, bias)
+    ids[batch // 2] = 4  # in range again: accepted, and sample n takes row ids[n]
+    out = conditional_instance_norm(x, ids, weight, bias)
+    expected = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(
+        x.var((2, 3), unbiased=False, keepdim=True) + 1e-5
+    ) * weight[ids, :, None, None] + bias[ids, :, None, None]
+    torch.testing.assert_close(out, expected)
+
+
 def test_bank_and_input_errors() -> None:
     x, weight, bias = _make()
     with pytest.raises(ValueError, match="weight must have shape"):

@@ -302,6 +302,9 @@ def _group_norm_instances(
         return y.to(x.dtype), mean, rstd
     n, c = x.shape[0], x.shape[1]
     m = stats._num_positions(x)
+    if n == 1:  # one sample: its (1, C) parameters are the kernel's own (C,) ones
+        scale = None if scale is None else scale.reshape(c)
+        shift = None if shift is None else shift.reshape(c)
     if (scale is None or scale.dim() == 1) and (shift is None or shift.dim() == 1):
         # The kernel reads the parameters' raw buffers: contiguous (a strided view may not be).
         weight = None if scale is None else scale.contiguous()
@@ -1011,7 +1014,11 @@ def _cin_check_bank(weight: object, bias: object, input: Tensor) -> None:
 def _cin_check_ids(ids: Tensor, num_styles: int) -> None:
     if stats._values_unknown(ids) or ids.numel() == 0:
         return
-    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read (a CUDA sync), not two
+    if ids.device.type == "cpu" and ids.numel() <= stats._FEW_STATISTICS:
+        values = ids.reshape(-1).tolist()  # a few ids: Python's min and max, no torch ops
+        low, high = min(values), max(values)
+    else:
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read (a CUDA sync), not two
     if low < 0 or high >= num_styles:
         bad = low if low < 0 else high
         raise IndexError(
