@@ -418,6 +418,11 @@ def _largest_mean_to_spread(
     count."""
     if x.device.type != "cpu" or _values_unknown(x, mean, var):
         return unknown
+    return _largest_spread_ratio(mean, var, eps)
+
+
+def _largest_spread_ratio(mean: Tensor, var: Tensor, eps: float) -> float:
+    """:func:`_largest_mean_to_spread` of statistics whose values can be read."""
     if mean.numel() <= _FEW_STATISTICS:
         return _largest_ratio(mean.reshape(-1).tolist(), var.reshape(-1).tolist(), eps)
     var = var.double()  # eps in float64 too (1e-50 is 0 in float32)
@@ -441,8 +446,8 @@ def _largest_mean_to_spread_of_rstd(mean: Tensor, rstd: Tensor, eps: float, x: T
     ``_FEW_STATISTICS`` of them in Python floats, two torch ops fewer (about 4 us a call)."""
     if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
         return 0.0
-    if mean.numel() > _FEW_STATISTICS:
-        return _largest_mean_to_spread(mean, rstd.pow(-2).sub_(eps), eps, x)
+    if mean.numel() > _FEW_STATISTICS:  # (the device and value checks are done)
+        return _largest_spread_ratio(mean, rstd.pow(-2).sub_(eps), eps)
     variances = (1.0 / (r * r) - eps if r != 0 else math.inf for r in rstd.reshape(-1).tolist())
     return _largest_ratio(mean.reshape(-1).tolist(), variances, eps)
 
