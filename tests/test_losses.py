@@ -241,6 +241,85 @@ def test_style_loss_is_weighted_sum_of_layer_losses(loss: str, fn: Any, options:
     )
 
 
+def _masks(n: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"relu1_1": (8, 8), "relu2_1": (4, 4), "relu3_1": (2, 3)}
+    return {
+        k: torch.rand(n, 1, *hw, generator=generator, dtype=torch.float64)
+        for k, hw in shapes.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("loss", "fn", "options"),
+    [
+        ("gram", gram_loss, {"normalize": "hw"}),
+        ("mean_std", mean_std_loss, {"correction": 1}),
+        ("mmd", mmd_loss, {"kernel": "gaussian", "sigma": 3.0}),
+        ("magenta", get_convention("magenta"), {}),
+        ("adain_pytorch", get_convention("adain_pytorch"), {}),
+    ],
+)
+def test_style_loss_masks_are_the_layer_losses_masks(
+    loss: str, fn: Any, options: dict[str, Any]
+) -> None:
+    targets, inputs = _layers(1, 0), _layers(2, 10)
+    target_masks, masks = _masks(1, 20), _masks(2, 30)
+    target_masks["relu2_1"] = None  # type: ignore[assignment]
+    del masks["relu3_1"]
+    convention = isinstance(fn, StyleConvention)
+    layer_fn = {"gram": gram_loss, "mean_std": mean_std_loss}[fn.loss] if convention else fn
+    scale = fn.scale if convention else 1.0
+    layer_options = dict(fn.options) if convention else options
+    expected = sum(
+        w
+        * scale
+        * layer_fn(
+            inputs[k],
+            targets[k],
+            mask=masks.get(k),
+            target_mask=target_masks[k],
+            **layer_options,
+        )
+        for k, w in WEIGHTS.items()
+    )
+    by_name = StyleLoss(targets, weights=WEIGHTS, loss=loss, target_masks=target_masks, **options)
+    torch.testing.assert_close(by_name(inputs, masks=masks), expected)
+    as_list = StyleLoss(
+        list(targets.values()),
+        weights=list(WEIGHTS.values()),
+        loss=loss,
+        target_masks=list(target_masks.values()),
+        **options,
+    )
+    listed = [masks.get(k) for k in targets]
+    torch.testing.assert_close(as_list(list(inputs.values()), listed), expected)
+    # The masks change the loss (the test above is not the unmasked one).
+    assert not torch.allclose(by_name(inputs), expected)
+
+
+def test_style_loss_mask_errors() -> None:
+    targets, inputs = _layers(1, 0), _layers(2, 10)
+    with pytest.raises(ValueError, match=r"target_masks has layers \['relu9'\] that targets lack"):
+        StyleLoss(targets, target_masks={"relu9": torch.ones(1, 1, 8, 8)})
+    with pytest.raises(TypeError, match="target_masks must be a mapping like targets"):
+        StyleLoss(targets, target_masks=[None, None, None])
+    with pytest.raises(TypeError, match="target_masks must be a sequence like targets"):
+        StyleLoss(list(targets.values()), target_masks=torch.ones(1, 1, 8, 8))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"target_masks must have one entry .* \(3\); got 1"):
+        StyleLoss(list(targets.values()), target_masks=[None])
+    with pytest.raises(TypeError, match=r"target_masks\['0'\] must be a tensor or None, got float"):
+        StyleLoss(list(targets.values()), target_masks=[1.0, None, None])  # type: ignore[list-item]
+    # A mask of another layer's size: the layer's own error, naming the argument.
+    with pytest.raises(ValueError, match="target_mask"):
+        StyleLoss(targets, target_masks={"relu2_1": torch.ones(1, 1, 8, 8)})
+    loss_fn = StyleLoss(targets)
+    with pytest.raises(ValueError, match=r"masks has layers \['conv'\] that targets lack"):
+        loss_fn(inputs, masks={"conv": torch.ones(2, 1, 8, 8)})
+    with pytest.raises(ValueError, match="mask"):
+        loss_fn(inputs, masks={"relu1_1": torch.ones(2, 1, 4, 4)})
+
+
 def test_style_loss_with_convention_applies_its_scale() -> None:
     targets, inputs = _layers(1, 0), _layers(2, 10)
     gatys = get_convention("gatys2015")

@@ -350,11 +350,13 @@ class StyleConvention:
             value = mean_std_loss(input, target, **self.options)
         return value * self.scale if self.scale != 1.0 else value
 
-    def module(self, target: Tensor, *, persistent: bool = False) -> nn.Module:
+    def module(
+        self, target: Tensor, *, target_mask: Tensor | None = None, persistent: bool = False
+    ) -> nn.Module:
         """The cached-target module of this loss (without ``scale``: see :class:`StyleLoss`)."""
         if self.loss == "gram":
-            return GramLoss(target, persistent=persistent, **self.options)
-        return MeanStdLoss(target, persistent=persistent, **self.options)
+            return GramLoss(target, target_mask=target_mask, persistent=persistent, **self.options)
+        return MeanStdLoss(target, target_mask=target_mask, persistent=persistent, **self.options)
 
 
 _CONVENTION_LIST = [
@@ -458,17 +460,25 @@ class StyleLoss(nn.Module):
             same length, or ``None`` for all 1).
         loss: ``"gram"`` (default), ``"mean_std"``, ``"mmd"``, or a convention name of
             :data:`CONVENTIONS` / a :class:`StyleConvention`.
+        target_masks: optional position weights of the targets, per layer (each layer's
+            module's ``target_mask``): a mapping with some of the keys of ``targets``, or a
+            sequence of the same length with ``None`` for an unmasked layer. Each must match
+            its layer's spatial size (resize a mask to every layer yourself, as Gatys et al.
+            2017 do for spatial control).
         persistent: save the cached targets in the ``state_dict`` (default ``False``).
         **options: keyword arguments of every layer's module (e.g. ``normalize="hw"``); not
             allowed together with a convention.
 
     Forward takes the input features in the same form as ``targets``: a mapping that holds (at
     least) the target's keys (extra entries, e.g. a content layer, are ignored), or a sequence of
-    the same length. Masks are per layer: use the layer modules directly for masked losses.
+    the same length; and optionally ``masks``, the input's position weights per layer, in the
+    form of ``target_masks`` (each layer's module's ``mask``).
 
     Shape:
         - targets: layer ``l`` ``(1 or N, C_l, *spatial_l)``
-        - inputs: layer ``l`` ``(N, C_l, *spatial'_l)``
+        - target_masks: layer ``l`` ``(1 or N, 1, *spatial_l)`` (``MeanStdLoss``: ``C_l`` or 1
+          channels)
+        - inputs: layer ``l`` ``(N, C_l, *spatial'_l)``; masks: ``(N or 1, 1, *spatial'_l)``
         - output: ``()``, or ``(N,)`` with ``reduction="none"``
 
     Example:
@@ -476,6 +486,10 @@ class StyleLoss(nn.Module):
         >>> loss_fn = StyleLoss(style, weights={"relu1": 1.0, "relu2": 0.5}, loss="magenta")
         >>> x = {"relu1": torch.randn(2, 4, 16, 16), "relu2": torch.randn(2, 8, 8, 8)}
         >>> loss_fn(x).shape
+        torch.Size([])
+        >>> sky = torch.zeros(2, 1, 16, 16)
+        >>> sky[..., :8, :] = 1.0  # the first layer's loss on the upper half only
+        >>> loss_fn(x, masks={"relu1": sky}).shape
         torch.Size([])
     """
 
@@ -485,6 +499,7 @@ class StyleLoss(nn.Module):
         *,
         weights: Mapping[str, float] | Sequence[float] | None = None,
         loss: str | StyleConvention = "gram",
+        target_masks: Mapping[str, Tensor | None] | Sequence[Tensor | None] | None = None,
         persistent: bool = False,
         **options: Any,
     ) -> None:
@@ -503,12 +518,14 @@ class StyleLoss(nn.Module):
             raise ValueError("targets must hold at least one layer")
         names = [k for k, _ in items]
         self.layer_weights = self._check_weights(weights, names)
+        masks = self._per_layer(target_masks, "target_masks", names)
         if isinstance(loss, str) and loss in _LAYER_LOSSES:
             self.convention: StyleConvention | None = None
             self.scale = 1.0
             layer = _LAYER_LOSSES[loss]
             modules: dict[str, nn.Module] = {
-                k: layer(t, persistent=persistent, **options) for k, t in items
+                k: layer(t, target_mask=masks[k], persistent=persistent, **options)
+                for k, t in items
             }
         else:
             if not isinstance(loss, StyleConvention) and (
@@ -525,8 +542,47 @@ class StyleLoss(nn.Module):
                 )
             self.convention = get_convention(loss)
             self.scale = self.convention.scale
-            modules = {k: self.convention.module(t, persistent=persistent) for k, t in items}
+            modules = {
+                k: self.convention.module(t, target_mask=masks[k], persistent=persistent)
+                for k, t in items
+            }
         self.layers = nn.ModuleDict(modules)
+
+    def _per_layer(
+        self,
+        masks: Mapping[str, Tensor | None] | Sequence[Tensor | None] | None,
+        argument: str,
+        names: list[str],
+    ) -> dict[str, Tensor | None]:
+        """``masks`` in the form of the targets, as ``{layer: mask or None}``."""
+        if masks is None:
+            return dict.fromkeys(names)
+        if self.keyed:
+            if not isinstance(masks, Mapping):
+                raise TypeError(
+                    f"{argument} must be a mapping like targets, got {type(masks).__name__}"
+                )
+            keys = {str(k): v for k, v in masks.items()}
+            unknown = sorted(set(keys) - set(names))
+            if unknown:
+                raise ValueError(f"{argument} has layers {unknown} that targets lack")
+        else:
+            if isinstance(masks, (Mapping, str, Tensor)) or not isinstance(masks, Sequence):
+                raise TypeError(
+                    f"{argument} must be a sequence like targets, got {type(masks).__name__}"
+                )
+            if len(masks) != len(names):
+                raise ValueError(
+                    f"{argument} must have one entry (a mask or None) per layer "
+                    f"({len(names)}); got {len(masks)}"
+                )
+            keys = dict(zip(names, masks, strict=True))
+        for k, v in keys.items():
+            if v is not None and not isinstance(v, Tensor):
+                raise TypeError(
+                    f"{argument}[{k!r}] must be a tensor or None, got {type(v).__name__}"
+                )
+        return {k: keys.get(k) for k in names}
 
     @staticmethod
     def _check_weights(
@@ -548,7 +604,11 @@ class StyleLoss(nn.Module):
             )
         return {k: float(v) for k, v in zip(names, values, strict=True)}
 
-    def forward(self, inputs: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor] | Sequence[Tensor],
+        masks: Mapping[str, Tensor | None] | Sequence[Tensor | None] | None = None,
+    ) -> Tensor:
         if self.keyed:
             if not isinstance(inputs, Mapping):
                 raise TypeError(
@@ -568,9 +628,11 @@ class StyleLoss(nn.Module):
                     f"inputs must hold {len(self.layers)} feature maps, got {len(inputs)}"
                 )
             features = {str(i): x for i, x in enumerate(inputs)}
+        layer_masks = self._per_layer(masks, "masks", list(self.layers))
         total: Tensor | None = None
         for name, layer in self.layers.items():
-            term = layer(features[name]) * (self.layer_weights[name] * self.scale)
+            term = layer(features[name], layer_masks[name])
+            term = term * (self.layer_weights[name] * self.scale)
             total = term if total is None else total + term
         assert total is not None
         return total
