@@ -239,6 +239,59 @@ def test_binary_mask_equals_selecting_positions() -> None:
         )
 
 
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 1), (1, 1, 6, 1), (2, 1, 1, 5)])
+def test_masks_with_dims_of_one_broadcast_over_positions(mask_shape: tuple[int, ...]) -> None:
+    # Each loss against the NumPy reference, which broadcasts the mask first, and against the
+    # same mask expanded by hand; a mask of one weight per sample is no mask at all.
+    gen = torch.Generator().manual_seed(4)
+    x, y = _features(2, 3, 6, 5), _features(1, 3, 6, 5, seed=1)
+    mask = 0.1 + torch.rand(mask_shape, generator=gen, dtype=torch.float64)
+    full = mask.expand(mask_shape[0], 1, 6, 5).contiguous()
+    cases: list[tuple[Any, Any, Case]] = [
+        (gram_matrix, ref.gram_matrix, {"normalize": "hw"}),
+        (gram_matrix, ref.gram_matrix, {"normalize": "chw", "center": True}),
+    ]
+    for fn, reference_fn, options in cases:
+        got = fn(x, mask=mask, **options)
+        np.testing.assert_allclose(
+            got.numpy(), reference_fn(x.numpy(), mask=mask.numpy(), **options), rtol=1e-10
+        )
+        torch.testing.assert_close(got, fn(x, mask=full, **options))
+    losses: list[tuple[Any, Any, Case]] = [
+        (gram_loss, ref.gram_loss, {}),
+        (mean_std_loss, ref.mean_std_loss, {"correction": 1}),
+        *((mmd_loss, ref.mmd_loss, options) for options in MMD_KERNELS),
+    ]
+    for fn, reference_fn, options in losses:
+        for where in ("mask", "target_mask"):
+            weights = {where: mask if where == "mask" else mask[:1]}
+            got = fn(x, y, **weights, **options)
+            expected = reference_fn(
+                x.numpy(), y.numpy(), **{where: weights[where].numpy()}, **options
+            )
+            np.testing.assert_allclose(
+                got.numpy(), expected, rtol=1e-9, err_msg=f"{fn.__name__} {options} {where}"
+            )
+        if mask_shape == (2, 1, 1, 1) and "correction" not in options:
+            # (Bessel's correction counts the total weight, not the positions.)
+            torch.testing.assert_close(fn(x, y, mask=mask, **options), fn(x, y, **options))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4)])
+def test_empty_batch_or_channels(shape: tuple[int, ...]) -> None:
+    # As torch.nn.functional.mse_loss of empty tensors: empty Grams, a NaN mean, a zero sum;
+    # but an MMD between features of no channels is a per-sample 0.
+    x, y = torch.randn(shape), torch.randn(1, *shape[1:])
+    assert gram_matrix(x).shape == (shape[0], shape[1], shape[1])
+    for fn in (gram_loss, mean_std_loss, mmd_loss):
+        mean = 0.0 if fn is mmd_loss and shape[0] else float("nan")
+        for reduction, expected in (("mean", mean), ("sum", 0.0)):
+            torch.testing.assert_close(
+                fn(x, y, reduction=reduction), torch.tensor(expected), equal_nan=True
+            )
+        assert fn(x, y, reduction="none").shape[0] == shape[0]
+
+
 def test_reductions_are_consistent() -> None:
     x, y = _features(3, 4, 5, 5), _features(1, 4, 6, 6, seed=1)
     for fn, per_sample_count in ((gram_loss, 16), (mean_std_loss, 4)):

@@ -59,9 +59,14 @@ def test_every_convention_has_a_reference_formula_and_source() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_REFERENCES))
-@pytest.mark.parametrize(("n", "target_batch"), [(1, 1), (3, 1), (3, 3)])
-def test_preset_matches_source_formula(name: str, n: int, target_batch: int) -> None:
-    x, y = _features(n, 4, 6, 5), _features(target_batch, 4, 6, 5, seed=1)
+@pytest.mark.parametrize(
+    ("n", "target_batch", "target_size"),
+    [(1, 1, (6, 5)), (3, 1, (6, 5)), (3, 3, (6, 5)), (2, 1, (9, 7))],
+)
+def test_preset_matches_source_formula(
+    name: str, n: int, target_batch: int, target_size: tuple[int, int]
+) -> None:
+    x, y = _features(n, 4, 6, 5), _features(target_batch, 4, *target_size, seed=1)
     expected = PRESET_REFERENCES[name](x.numpy(), y.numpy())
     got = get_convention(name)(x, y)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-11, atol=0)
@@ -104,6 +109,8 @@ def test_adain_conventions_differ_as_documented() -> None:
 def test_get_convention_errors_and_passthrough() -> None:
     with pytest.raises(ValueError, match=r"convention must be one of gatys2015, .*; got 'gatys'"):
         get_convention("gatys")
+    with pytest.raises(ValueError, match="loss must be 'gram' or 'mean_std', got 'gramm'"):
+        StyleConvention("mine", "gramm")
     custom = StyleConvention("mine", "gram", {"normalize": "none"}, scale=2.0)
     assert get_convention(custom) is custom
     x, y = _features(1, 2, 3, 3), _features(1, 2, 3, 3, seed=1)
@@ -125,6 +132,31 @@ MODULE_CASES: list[tuple[type[torch.nn.Module], Any, dict[str, Any]]] = [
     (MMDLoss, mmd_loss, {"kernel": "polynomial", "degree": 3, "offset": 1.0}),
     (MMDLoss, mmd_loss, {"kernel": "gaussian", "sigma": 2.0, "reduction": "none"}),
 ]
+
+
+@pytest.mark.parametrize(("module", "fn", "options"), MODULE_CASES)
+def test_cached_target_is_a_copy(module: type[torch.nn.Module], fn: Any, options: dict[str, Any]):
+    # Changing the caller's target in place afterwards changes nothing, and loading a state
+    # dict writes into the module's buffers, not into the tensor it was built from.
+    x, y = _features(2, 3, 4, 4), _features(1, 3, 4, 4, seed=1)
+    kept = y.clone()
+    loss_fn = module(y, persistent=True, **options)
+    before = loss_fn(x)
+    y.mul_(3.0)
+    torch.testing.assert_close(loss_fn(x), before)
+    torch.testing.assert_close(before, fn(x, kept, **options))
+    other = module(_features(1, 3, 4, 4, seed=2), persistent=True, **options)
+    target = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+    blank = module(target, persistent=True, **options)
+    blank.load_state_dict(other.state_dict())
+    assert torch.equal(target, torch.zeros_like(target))
+
+
+def test_loss_modules_name_a_non_tensor_input() -> None:
+    y = _features(1, 3, 4, 4)
+    for module in (GramLoss, MeanStdLoss, MMDLoss):
+        with pytest.raises(TypeError, match=r"input must be a torch\.Tensor, got list"):
+            module(y)([1.0])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("module", "fn", "options"), MODULE_CASES)
@@ -358,5 +390,8 @@ def test_style_loss_errors() -> None:
         loss_fn({k: inputs[k] for k in ("relu1_1", "relu2_1")})
     with pytest.raises(TypeError, match="inputs must be a mapping like targets"):
         loss_fn(list(inputs.values()))
+    # Keys that are not strings: looked up as the strings the targets' keys became.
+    y, x = _features(1, 3, 4, 4), _features(2, 3, 4, 4, seed=1)
+    torch.testing.assert_close(StyleLoss({0: y})({0: x}), gram_loss(x, y))
     with pytest.raises(ValueError, match="inputs must hold 3 feature maps, got 2"):
         StyleLoss(list(targets.values()))(list(inputs.values())[:2])

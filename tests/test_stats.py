@@ -269,6 +269,32 @@ def test_binary_mask_equals_selected_positions():
             torch.testing.assert_close(var[n], picked.var(-1, correction=correction))
 
 
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 1), (1, 1, 6, 1), (1, 3, 1, 5), (2, 1, 1, 5)])
+@pytest.mark.parametrize("correction", [0, 1])
+def test_mask_with_dims_of_one_weighs_every_position_it_covers(
+    mask_shape: tuple[int, ...], correction: int
+):
+    # A dimension of 1 broadcasts over the positions, as in NumPy: the weights of the
+    # broadcast mask, not one weight per mask entry.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64)
+    mask = 0.1 + torch.rand(mask_shape, generator=gen, dtype=torch.float64)
+    mean, var = stats.mean_var(x, correction=correction, mask=mask)
+    w = mask.expand(2, 3, 6, 5)
+    total = w.sum((2, 3))
+    expected_mean = (w * x).sum((2, 3)) / total
+    centred = x - expected_mean[..., None, None]
+    expected_var = (w * centred**2).sum((2, 3)) / (total - correction)
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(var, expected_var)
+    ref_mean, ref_var = reference.mean_var(x.numpy(), correction, mask.numpy())
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(var.numpy(), ref_var, rtol=1e-12)
+    if mask_shape == (2, 1, 1, 1) and correction == 0:
+        # One weight per sample: the unmasked statistics (Bessel's correction counts weight).
+        torch.testing.assert_close((mean, var), stats.mean_var(x, correction=correction))
+
+
 def test_soft_mask_scale_invariant():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     mask = torch.rand(2, 3, 8, 8, dtype=torch.float64)
@@ -462,6 +488,19 @@ def test_compute_dtype():
         ({"x": torch.randn(2, 3, 4), "correction": -1}, ValueError, "correction"),
         ({"x": torch.randn(2, 3, 4), "correction": "1"}, TypeError, "correction"),
         ({"x": torch.randn(2, 3, 4), "eps": -1.0}, ValueError, "eps"),
+        ({"x": torch.randn(2, 3, 4), "eps": float("nan")}, ValueError, "eps"),
+        ({"x": torch.randn(2, 3, 4), "correction": float("nan")}, ValueError, "correction"),
+        ({"x": torch.randn(2, 3, 4), "correction": float("inf")}, ValueError, "correction"),
+        (
+            {"x": torch.randn(2, 3, 4), "mask": torch.tensor([[[1.0, float("nan"), 1.0, 1.0]]])},
+            ValueError,
+            "non-negative and finite",
+        ),
+        (
+            {"x": torch.randn(2, 3, 4), "mask": torch.tensor([[[1.0, float("inf"), 1.0, 1.0]]])},
+            ValueError,
+            "non-negative and finite",
+        ),
     ],
 )
 def test_errors(kwargs: dict[str, object], error: type[Exception], pattern: str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
@@ -1694,7 +1695,7 @@ def _check_weight_total(total: Tensor, minimum: float, name: str) -> None:
         )
 
 
-def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
+def _autocast_off(x: object) -> contextlib.AbstractContextManager[object]:
     """Autocast disabled on ``x``'s device while a loss or Gram matrix is computed.
 
     Autocast would run the Gram and kernel matrix products in half precision (bfloat16 Grams, a
@@ -1702,6 +1703,8 @@ def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
     (:func:`stylenorm.stats.compute_dtype`), so under autocast a loss is the float32 loss of the
     same (possibly half-precision) input.
     """
+    if not isinstance(x, Tensor):  # left to the argument checks, which name it
+        return contextlib.nullcontext()
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
@@ -1742,8 +1745,11 @@ def _loss_position_weights(mask: Tensor | None, x: Tensor, name: str, x_name: st
 
 
 def _loss_features(x: Tensor) -> Tensor:
-    """The ``(N, C, M)`` feature matrices in the compute dtype (reshape: x may be strided)."""
-    return x.to(stats.compute_dtype(x.dtype)).reshape(x.shape[0], x.shape[1], -1)
+    """The ``(N, C, M)`` feature matrices in the compute dtype (reshape: x may be strided; M
+    spelled out, so that an empty batch reshapes too)."""
+    return x.to(stats.compute_dtype(x.dtype)).reshape(
+        x.shape[0], x.shape[1], stats._num_positions(x)
+    )
 
 
 def _loss_reduce(per_element: Tensor, reduction: str) -> Tensor:
@@ -1754,7 +1760,7 @@ def _loss_reduce(per_element: Tensor, reduction: str) -> Tensor:
         return per_element.sum()
     if reduction == "batchmean":
         return per_element.sum() / per_element.shape[0]
-    return per_element.reshape(per_element.shape[0], -1).mean(1)
+    return per_element.reshape(per_element.shape[0], math.prod(per_element.shape[1:])).mean(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1876,7 +1882,8 @@ def _loss_gram(x: Tensor, normalize: str, weights: Tensor | None, center: bool) 
         features = features - mean.to(features.dtype).unsqueeze(-1)
     if weights is None:
         count = float(features.shape[-1])
-        scale = {"none": 1.0, "hw": 1.0 / count}.get(normalize, 1.0 / (count * x.shape[1]))
+        # (max: zero channels give an empty Gram, whatever its scale)
+        scale = {"none": 1.0, "hw": 1.0 / count}.get(normalize, 1.0 / max(count * x.shape[1], 1))
         return _gram(features, scale)
     if weights.requires_grad or not _plain_autograd(weights) or stats._is_compiling():
         # A mask with a gradient (sqrt(w) has an infinite derivative at 0), under a torch.func
@@ -2189,6 +2196,8 @@ def _check_mmd_options(
         raise ValueError(f"degree must be a positive integer, got {degree!r}")
     if isinstance(offset, bool) or not isinstance(offset, (int, float)):
         raise TypeError(f"offset must be a number, got {type(offset).__name__}")
+    if not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
     _check_choice(reduction, "reduction", LOSS_REDUCTIONS)

@@ -75,7 +75,10 @@ class _CachedTargetLoss(nn.Module):
         self.persistent = bool(persistent)
 
     def _cache(self, name: str, value: Tensor | None) -> None:
-        self.register_buffer(name, None if value is None else value.detach(), self.persistent)
+        # A copy: some statistics are views of the caller's target (MMD's feature matrices),
+        # which must neither follow its later in-place changes nor receive load_state_dict's.
+        cached = None if value is None else value.detach().clone()
+        self.register_buffer(name, cached, self.persistent)
 
     def _check_input_device(self, input: object) -> None:
         """A clear error for input on another device than the cached target (a module not
@@ -342,6 +345,10 @@ class StyleConvention:
     scale: float = 1.0
     formula: str = ""
     source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("gram", "mean_std"):
+            raise ValueError(f"loss must be 'gram' or 'mean_std', got {self.loss!r}")
 
     def __call__(self, input: Tensor, target: Tensor) -> Tensor:
         if self.loss == "gram":
@@ -614,10 +621,11 @@ class StyleLoss(nn.Module):
                 raise TypeError(
                     f"inputs must be a mapping like targets, got {type(inputs).__name__}"
                 )
-            missing = [k for k in self.layers if k not in inputs]
+            given = {str(k): v for k, v in inputs.items()}  # the targets' keys became strings
+            missing = [k for k in self.layers if k not in given]
             if missing:
                 raise ValueError(f"inputs lack the layers {missing} of the targets")
-            features = {k: inputs[k] for k in self.layers}
+            features = {k: given[k] for k in self.layers}
         else:
             if isinstance(inputs, Mapping) or not isinstance(inputs, Sequence):
                 raise TypeError(

@@ -290,12 +290,17 @@ def _flat(x: Any) -> Array:
     return np.asarray(arr.reshape(arr.shape[0], arr.shape[1], -1))
 
 
-def _position_weights(mask: Any, x: Array) -> Array:
-    """``(N, M)`` position weights of a ``(N or 1, 1, *spatial)`` mask (ones without one)."""
+def _position_weights(mask: Any, x: Array, batch: int | None = None) -> Array:
+    """``(batch, M)`` position weights of a ``(N or 1, 1, *spatial)`` mask for ``x``
+    ``(N, C, *spatial)``, its dimensions of size 1 broadcast (ones without a mask); ``batch``
+    defaults to ``N``."""
+    batch = x.shape[0] if batch is None else batch
+    positions = int(np.prod(x.shape[2:]))
     if mask is None:
-        return np.ones((x.shape[0], x.shape[2]))
+        return np.ones((batch, positions))
     w = np.asarray(mask, dtype=np.float64)
-    return np.asarray(np.broadcast_to(w.reshape(w.shape[0], -1), (x.shape[0], x.shape[2])))
+    w = np.broadcast_to(w, (w.shape[0], 1, *x.shape[2:])).reshape(w.shape[0], positions)
+    return np.asarray(np.broadcast_to(w, (batch, positions)))
 
 
 def _reduce(per_element: Array, reduction: str) -> Array:
@@ -318,7 +323,7 @@ def gram_matrix(x: Any, normalize: str = "chw", mask: Any = None, center: bool =
     """
     x_arr = np.asarray(x, dtype=np.float64)
     f = _flat(x_arr)
-    w = _position_weights(mask, f)
+    w = _position_weights(mask, x_arr)
     if center:
         mean, _ = mean_var(x_arr, 0, None if mask is None else np.asarray(mask, dtype=np.float64))
         f = f - mean[:, :, None]
@@ -387,9 +392,11 @@ def mmd_loss(
     r"""Biased squared MMD per sample (Li et al. 2017) between the per-position feature vectors,
     :math:`p^\top K_{xx} p + q^\top K_{yy} q - 2 p^\top K_{xy} q` with :math:`p = w / \sum w`.
     """
-    fx, fy = _flat(input), _flat(target)
+    x_arr, y_arr = _f64(input), _f64(target)
+    fx, fy = _flat(x_arr), _flat(y_arr)
     fy = np.broadcast_to(fy, (fx.shape[0], *fy.shape[1:]))
-    wx, wy = _position_weights(mask, fx), _position_weights(target_mask, fy)
+    wx = _position_weights(mask, x_arr)
+    wy = _position_weights(target_mask, y_arr, fx.shape[0])
     values = []
     for n in range(fx.shape[0]):
         x, y = fx[n].T, fy[n].T  # (M, C): one feature vector per position
@@ -409,15 +416,18 @@ def mmd_loss(
 
 def gatys2015_style_loss(input: Any, target: Any) -> Array:
     r"""Gatys et al. 2015, eq. 4: :math:`E = \frac{1}{4 N_l^2 M_l^2} \sum_{ij} (G_{ij} - A_{ij})^2`
-    with unnormalized Grams, :math:`N_l` channels, :math:`M_l` positions (of the input); averaged
-    over the batch (the paper has one image)."""
+    with unnormalized Grams, :math:`N_l` channels, :math:`M_l` positions; averaged over the batch
+    (the paper has one image). The paper's input and style image have the same size; where they
+    differ, each Gram is divided by its own number of positions,
+    :math:`\frac{1}{4 N_l^2} \sum_{ij} (G_{ij} / M_x - A_{ij} / M_y)^2` (otherwise the Grams'
+    scales differ by the ratio of the sizes)."""
     fx, fy = _flat(input), _flat(target)
-    channels, positions = fx.shape[1], fx.shape[2]
+    channels = fx.shape[1]
     losses = []
     for n in range(fx.shape[0]):
-        g = fx[n] @ fx[n].T
-        a = fy[n % fy.shape[0]] @ fy[n % fy.shape[0]].T
-        losses.append(((g - a) ** 2).sum() / (4 * channels**2 * positions**2))
+        g = fx[n] @ fx[n].T / fx.shape[2]
+        a = fy[n % fy.shape[0]] @ fy[n % fy.shape[0]].T / fy.shape[2]
+        losses.append(((g - a) ** 2).sum() / (4 * channels**2))
     return np.asarray(np.mean(losses))
 
 

@@ -110,8 +110,11 @@ def check_mask(mask: object, x: Tensor, name: str = "mask", x_name: str = "input
     """Validate a weight mask for ``x`` and return it as a floating tensor.
 
     A mask has the rank of ``x``; each of its dimensions is 1 or equal to ``x``'s, so
-    ``(N, 1, *spatial)`` and ``(N, C, *spatial)`` are both accepted. Boolean masks become 0/1
-    weights in the statistics' compute dtype. Negative weights are rejected in eager mode.
+    ``(N, 1, *spatial)`` and ``(N, C, *spatial)`` are both accepted. A spatial dimension of 1
+    broadcasts: the mask is returned expanded to ``x``'s spatial size, so that each of its values
+    weighs every position it covers (``(N, 1, 1, 1)`` weighs the whole map). Boolean masks become
+    0/1 weights in the statistics' compute dtype. Negative, infinite and NaN weights are rejected
+    in eager mode.
     """
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
@@ -128,8 +131,14 @@ def check_mask(mask: object, x: Tensor, name: str = "mask", x_name: str = "input
         if mask.is_complex():
             raise TypeError(f"{name} must be real, got dtype {mask.dtype}")
         mask = mask.to(compute_dtype(x.dtype))
-    if not _values_unknown(mask) and bool((mask < 0).any()):
-        raise ValueError(f"{name} must be non-negative (weights), got a minimum of {mask.min()}")
+    if not _values_unknown(mask) and mask.numel():
+        low, high = (float(v) for v in torch.aminmax(mask))
+        if not (low >= 0 and high < math.inf):  # NaN fails too
+            raise ValueError(
+                f"{name} must be non-negative and finite (weights), got values from {low} to {high}"
+            )
+    if mask.shape[2:] != x.shape[2:]:
+        mask = mask.expand(*mask.shape[:2], *x.shape[2:])
     return mask
 
 
@@ -782,8 +791,8 @@ def _channel_mean_var(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:
 def _check_correction(correction: object) -> float:
     if isinstance(correction, bool) or not isinstance(correction, (int, float)):
         raise TypeError(f"correction must be a number, got {type(correction).__name__}")
-    if correction < 0:
-        raise ValueError(f"correction must be non-negative, got {correction}")
+    if not 0 <= correction < math.inf:  # NaN fails too
+        raise ValueError(f"correction must be non-negative and finite, got {correction}")
     return float(correction)
 
 
@@ -860,7 +869,7 @@ def mean_std(
     """
     x = check_features(x, "x")
     corr = _check_correction(correction)
-    if not isinstance(eps, (int, float)) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:  # NaN fails
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     w = None if mask is None else check_mask(mask, x, "mask", "x")
     mean, var = _mean_var(x, corr, w)
