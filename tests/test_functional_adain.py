@@ -241,6 +241,32 @@ def test_regions_match_reference(alpha: float, correction: int) -> None:
     assert torch.equal(out[..., 2, :], CONTENT[..., 2, :])
 
 
+@pytest.mark.parametrize("offset", [0.0, 50.0])  # the folded form, and term by term
+@pytest.mark.parametrize("correction", [0, 1])
+def test_region_missing_from_one_image_passes_it_through(offset: float, correction: int) -> None:
+    # A segmentation class absent from the second image: its content mask is empty there, so
+    # that image's region statistics are undefined, but the output is not (m = 0: the content).
+    # The first image is as if stylized alone; everything stays finite, gradients included.
+    content = (CONTENT + offset).requires_grad_()
+    style_a, style_b = _randn(1, C, 6, 6, seed=53, offset=3.0), _randn(1, C, 5, 5, seed=54)
+    upper = torch.zeros(N, 1, H, W, dtype=F64)
+    upper[0, :, :3] = 1.0  # the second image has none of it
+    lower = 1.0 - upper
+    lower[1] = 0.7  # the second image: all lower region, softly
+    regions = [(style_a, upper), (style_b, lower)]
+    out = adain_regions(content, regions, correction=correction)
+    expected = reference.adain_regions(
+        _np(content[:1]), [(_np(s), _np(m[:1])) for s, m in regions], correction=correction
+    )
+    np.testing.assert_allclose(_np(out[:1]), expected, rtol=1e-9, atol=1e-9)
+    only_lower = adain(content[1:], style_b, content_mask=lower[1:], correction=correction)
+    torch.testing.assert_close(out[1:], only_lower)
+    single = adain(content, style_a, content_mask=upper, correction=correction)
+    assert torch.equal(single[1], content[1])
+    (out.square().sum() + single.sum()).backward()
+    assert content.grad is not None and bool(content.grad.isfinite().all())
+
+
 def test_single_region_equals_adain_with_masks() -> None:
     style, mask, style_mask = _regions()[1]
     torch.testing.assert_close(
@@ -475,9 +501,9 @@ STYLE = _randn(N, C, 4, 4, seed=80)
             "content_mask must be non-negative",
         ),
         (
-            {"style": STYLE, "content_mask": torch.zeros(1, 1, H, W)},
+            {"style": STYLE, "style_mask": torch.zeros(1, 1, 4, 4)},
             ValueError,
-            "mask sums to zero",
+            "style_mask sums to zero",
         ),
         ({"style": STYLE, "alpha": True}, TypeError, "alpha"),
         ({"style": STYLE, "alpha": "1"}, TypeError, "alpha"),

@@ -257,6 +257,14 @@ INSTANCE_CASES: list[tuple[str, Callable[[Callable[..., torch.Tensor]], torch.Te
 BATCH_CASES: list[tuple[str, Callable[[Callable[..., torch.Tensor]], torch.Tensor]]] = [
     ("one value per channel", lambda f: f(_x(1, 3), None, None, training=True)),
     ("zero eps training", lambda f: f(_x(2, 3), None, None, training=True, eps=0.0)),
+    (
+        "zero eps training, fast path",
+        lambda f: f(_x(8, 64, 32, 32), None, None, training=True, eps=0.0),
+    ),
+    (
+        "negative eps training, fast path",
+        lambda f: f(_x(8, 64, 32, 32), torch.zeros(64), torch.ones(64), training=True, eps=-1e-3),
+    ),
     ("negative eps eval", lambda f: f(_x(2, 3), torch.zeros(3), torch.ones(3), eps=-1.0)),
     ("running_mean size", lambda f: f(_x(2, 3, 4), torch.zeros(4), torch.ones(4), training=True)),
     (
@@ -520,6 +528,36 @@ def test_batch_norm_fast_path_is_taken_where_expected(kernels: str):
     assert not functional._batch_norm_fast_path(x, c, None, None, None)
 
 
+@pytest.mark.parametrize("offset", [10.0, 1e3, -1e4])
+def test_batch_norm_fast_path_as_precise_as_torch_nn_at_large_mean(offset: float):
+    # At the fast path's size (2^19 values): output, gradients and running variance against
+    # float64, no further off than torch.nn's kernel (which accumulates in double). The rows'
+    # first float32 means, merged in float32, cost up to 3x its output error and 50x its
+    # running-variance error at 1e4.
+    gen = torch.Generator().manual_seed(22)
+    x = offset + torch.randn(8, 64, 32, 32, generator=gen)
+    grad = torch.randn(x.shape, generator=gen)
+    assert functional._batch_norm_fast_path(x, None, None, None, None)
+
+    def run(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        xs = x.to(dtype).requires_grad_()
+        weight, bias = (torch.ones(64, dtype=dtype, requires_grad=True) for _ in range(2))
+        running = (torch.zeros(64, dtype=dtype), torch.ones(64, dtype=dtype))
+        y = fn(xs, *running, weight, bias, True, 0.5, 1e-5)
+        y.backward(grad.to(dtype))
+        assert xs.grad is not None and weight.grad is not None
+        return [t.detach().double() for t in (y, xs.grad, weight.grad, running[1])]
+
+    truth = run(F.batch_norm, torch.float64)
+    ours, theirs = run(functional.batch_norm, torch.float32), run(F.batch_norm, torch.float32)
+    for name, o, t, r in zip(
+        ("output", "input grad", "weight grad", "running var"), ours, theirs, truth, strict=True
+    ):
+        scale = float(r.abs().max())
+        our_error, their_error = float((o - r).abs().max()), float((t - r).abs().max())
+        assert our_error <= 1.3 * their_error + 1e-7 * scale, (name, our_error, their_error)
+
+
 @pytest.mark.parametrize("offset", [0.0, 100.0, -3e3])
 def test_batch_norm_float32_against_float64_at_large_mean(offset: float):
     # Forward, running statistics and gradients of float32 batch norm against float64 of the
@@ -773,6 +811,26 @@ def test_channels_last_constant_channel_exact(
         error, torch_error = (float((t - want).abs().max()) / scale for t in (ours, torch_nn))
         assert error <= 2 * torch_error + 1e-6, (error, torch_error)
     assert backward_forms == ([False] if value == 0 else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.usefixtures("blockwise_at_any_size")
+def test_channels_last_half_constant_channel_at_large_value_exact(dtype: torch.dtype, grad: bool):
+    # Half input whose constant channel's |mean| / sqrt(eps) is large: the output must be formed
+    # on x - mean (torch's batch-norm kernel folds the mean into the shift, which left 0.03 at
+    # 3e3), so the channel gives exactly its bias; the others as in float32, rounded.
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 16, 8, 8, generator=gen)
+    x[:, 0] = torch.tensor([777.7, 1234.5, 3003.3, 6007.1]).view(4, 1, 1)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    weight, bias = torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen)
+    with torch.set_grad_enabled(grad):
+        y = functional.instance_norm(x, weight=weight, bias=bias)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y[:, 0], bias[0].to(dtype).expand_as(y[:, 0]))
+    expected = F.instance_norm(x.detach().float(), weight=weight, bias=bias).to(dtype)
+    torch.testing.assert_close(y[:, 1:], expected[:, 1:], rtol=0, atol=2 * 2.0**-7 * 4)
 
 
 def _assert_as_precise_as_torch_nn(

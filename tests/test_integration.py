@@ -299,6 +299,18 @@ def test_compile_style_layers(compiler):
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_compiled_cin_rejects_out_of_range_ids(compiler, bad: int):
+    """A compiled graph cannot read the ids to range-check them; a negative id must still fail
+    (compiled indexing would wrap it round to the last style), as one past the end does."""
+    module = stylenorm.ConditionalInstanceNorm2d(4, num_styles=3)
+    compiled, _ = compiler(module)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(compiled(x, torch.tensor([0, 2])), module(x, torch.tensor([0, 2])))
+    with pytest.raises((RuntimeError, IndexError)):
+        compiled(x, torch.tensor([0, bad]))
+
+
 @_ignore_jit_deprecation
 def test_compile_losses(compiler):
     """Gram, mean/std, MMD (closed form and Gaussian) and StyleLoss (a convention and per-layer

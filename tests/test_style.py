@@ -113,6 +113,15 @@ def test_rank_and_channel_errors_like_torch(
     assert str(ours.value) == str(theirs.value)
 
 
+def test_constructor_argument_types() -> None:
+    with pytest.raises(TypeError, match="num_styles must be an int, got float"):
+        ConditionalInstanceNorm2d(3, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="num_features must be an int, got float"):
+        ConditionalInstanceNorm2d(3.0, 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eps must be a non-negative number, got 'a'"):
+        ConditionalInstanceNorm2d(3, 2, eps="a")  # type: ignore[arg-type]
+
+
 def test_style_errors_through_module() -> None:
     m = ConditionalInstanceNorm2d(4, 3)
     x = torch.randn(2, 4, 5, 5)
@@ -320,5 +329,12 @@ def test_style_adain_gradients_and_errors() -> None:
         m(x, torch.randn(2, 5, dtype=F64))
     with pytest.raises(TypeError, match="style"):
         m(x, [1.0])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="style_mean"):
+    with pytest.raises(ValueError, match=r"style must have one code per sample .* \(3, 4\)"):
         m(x, torch.randn(3, 4, dtype=F64))
+    with pytest.raises(ValueError, match=r"input must have num_features=3 channels, .* \(2, 4, 3"):
+        m(torch.randn(2, 4, 3, 3, dtype=F64), w)
+    with pytest.raises(TypeError, match=r"input must be a torch\.Tensor"):
+        m(x.detach().numpy(), w)  # type: ignore[arg-type]
+    # One code for the whole batch: as that code repeated.
+    one = w[:1].detach()
+    torch.testing.assert_close(m(x, one), m(x, one.expand(2, 4)))

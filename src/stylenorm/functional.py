@@ -129,8 +129,8 @@ class _ChannelsLastNorm(torch.autograd.Function):
         rstd = torch.rsqrt(var + eps)
         a = rstd if scale is None else rstd * scale
         out = torch.empty_like(x)
+        view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
         if x.dtype == a.dtype:
-            view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
             if not refine:
                 b = -mean * a if shift is None else shift - mean * a
                 torch.addcmul(b.reshape(view), x, a.reshape(view), out=out)
@@ -139,6 +139,16 @@ class _ChannelsLastNorm(torch.autograd.Function):
             else:
                 centred = torch.sub(x, mean.reshape(view), out=out)
                 torch.addcmul(shift.reshape(view), centred, a.reshape(view), out=out)
+        elif refine:
+            # Half input at a large |mean| / spread: the kernel below folds the mean into the
+            # shift, whose terms then cancel (a constant channel at 3e3 came out 0.03 off); on
+            # x - mean in float32 instead, rounded once.
+            centred = torch.sub(x.to(a.dtype), mean.reshape(view))
+            if shift is None:
+                centred.mul_(a.reshape(view))
+            else:
+                torch.addcmul(shift.reshape(view), centred, a.reshape(view), out=centred)
+            out.copy_(centred)
         else:
             # Half input: torch's channels_last batch-norm kernel in evaluation mode, per sample,
             # with our statistics as the running ones: one fused pass, computed in float32 and
@@ -358,23 +368,17 @@ class _ContiguousNorm(torch.autograd.Function):
             n, c = x.shape[0], x.shape[1]
             flat = x.view(1, n * c, -1)
             mean, var = stats._rows_refined_mean_var(flat[0].to(acc), mean.reshape(n * c))
-            rstd = torch.rsqrt(var + eps).view(n, c)
-            weight, bias = _per_instance(scale, n, c, acc), _per_instance(shift, n, c, acc)
-            y = torch.empty_like(x)  # written through a view: the output itself is none
-            torch.ops.aten.native_batch_norm.out(
-                flat,
-                weight,
-                bias,
-                mean,
-                var,
-                False,
-                0.0,
-                eps,
-                out=y.view(flat.shape),
-                save_mean=mean.new_empty(0),
-                save_invstd=mean.new_empty(0),
-            )
-            mean = mean.view(n, c)
+            mean, rstd = mean.view(n, c), torch.rsqrt(var + eps).view(n, c)
+            # (x - mean) * a + shift, on x - mean: a kernel's x * a + (shift - mean * a) would
+            # cancel again (a constant channel at mean 1e4 came out 0.08 off its shift).
+            view = (n, c) + (1,) * (x.dim() - 2)
+            a = rstd if scale is None else rstd * scale.to(acc)
+            y = torch.sub(x.to(acc), mean.view(view))  # a new tensor, also for float32 x
+            if shift is None:
+                y.mul_(a.view(view))
+            else:
+                torch.addcmul(shift.to(acc).expand(n, c).reshape(view), y, a.view(view), out=y)
+            y = y.to(x.dtype)
         return y, mean, rstd
 
     @staticmethod
@@ -909,6 +913,8 @@ def batch_norm(
             return out
     if _batch_norm_fast_path(input, running_mean, running_var, weight, bias):
         # Contiguous float CPU input: torch's training kernel is slow here; same numbers faster.
+        if eps <= 0.0:  # F.batch_norm's check, which this path does not go through
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         out, mean, var = stats._apply(_BatchNormTrain, input, weight, bias, eps)
         if tracks:
             count = input.numel() // input.shape[1]
@@ -950,8 +956,8 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     statistics' compute dtype (float32 weights with a half input are fine for the kernel).
     """
     n, c = x.shape[0], x.shape[1]
-    if x.numel() == 0:
-        return x.clone()
+    if x.numel() == 0:  # the formula's empty ops, so that scale and shift get (zero) gradients
+        return _formula_norm(x, scale, shift, eps)[0]
     layout = stats._memory_format(x)
     # The group-norm kernel refuses one value per group; the statistics path gives y = shift.
     single_position = all(size == 1 for size in x.shape[2:])
@@ -972,18 +978,18 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
         return _channels_last_norm(x, full_scale, full_shift, eps)[0]
     if not single_position:
         return _contiguous_norm(x, scale, shift, eps)
-    # A single position: the statistics path (y = shift).
+    # A single position: x - mu is exactly 0, so y = shift. Formed as written, in the compute
+    # dtype: folding the mean into the shift, -mu * a + shift, cancels (and overflows a half
+    # x * a, with a up to 1 / sqrt(eps)).
     mean, var = stats._mean_var(x, 0.0, None)
     a = torch.rsqrt(var + eps)
     if scale is not None:
         a = a * scale
-    b = -mean * a
-    if shift is not None:
-        b = b + shift
     rank = x.dim()
-    return torch.addcmul(
-        _style_keepdim(b.to(x.dtype), rank), x, _style_keepdim(a.to(x.dtype), rank)
-    )
+    y = (x.to(mean.dtype) - _style_keepdim(mean, rank)) * _style_keepdim(a, rank)
+    if shift is not None:
+        y = y + _style_keepdim(shift.expand(n, c), rank)
+    return y.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1028,6 +1034,15 @@ def _cin_check_ids(ids: Tensor, num_styles: int) -> None:
         )
 
 
+def _cin_unchecked_ids(ids: Tensor, num_styles: int) -> Tensor:
+    """Under torch.compile and vmap, where :func:`_cin_check_ids` cannot read the ids, a negative
+    id would index from the end (compiled code wraps it): it is sent out of range instead, where
+    the indexing kernel's own bounds check raises."""
+    if not stats._values_unknown(ids):
+        return ids
+    return torch.where(ids < 0, num_styles, ids)
+
+
 def _cin_select(
     style: int | Tensor, weight: Tensor, bias: Tensor | None, batch: int
 ) -> tuple[Tensor, Tensor | None]:
@@ -1060,7 +1075,9 @@ def _cin_select(
         return mix @ weight, None if bias is None else mix @ bias
     if style.dim() == 0:
         _cin_check_ids(style, num_styles)
-        ids = style.reshape(1).to(device=weight.device, dtype=torch.long)
+        ids = _cin_unchecked_ids(
+            style.reshape(1).to(device=weight.device, dtype=torch.long), num_styles
+        )
         gamma = weight.index_select(0, ids)[0]
         return gamma, None if bias is None else bias.index_select(0, ids)[0]
     if style.shape != (batch,):
@@ -1069,7 +1086,7 @@ def _cin_select(
             f"got style of shape {tuple(style.shape)}"
         )
     _cin_check_ids(style, num_styles)
-    ids = style.to(device=weight.device, dtype=torch.long)
+    ids = _cin_unchecked_ids(style.to(device=weight.device, dtype=torch.long), num_styles)
     # index_select's gradient is zero outside the selected rows: only chosen styles are trained.
     return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
 
@@ -1184,7 +1201,7 @@ def _adain_image_stats(
     if s.shape[0] not in (1, content.shape[0]):
         raise _adain_shape_error(name, "have batch size 1 or the content's batch size", s, content)
     mask = None if style_mask is None else stats.check_mask(style_mask, s, mask_name, name)
-    mean, var = stats._mean_var(s, correction, mask)
+    mean, var = stats._mean_var(s, correction, mask, mask_name)
     dtype = stats.compute_dtype(content.dtype)
     return mean.to(dtype), (var + eps).sqrt().to(dtype)
 
@@ -1369,10 +1386,13 @@ def _adain_coefficients(
     alpha: float | Tensor,
     correction: float,
     eps: float,
+    mask_name: str = "content_mask",
 ) -> _AdaINTerm:
-    r""":class:`_AdaINTerm` of one style, with the content statistics under ``content_mask``."""
+    r""":class:`_AdaINTerm` of one style, with the content statistics under ``content_mask``
+    (``mask_name`` in errors). Where the mask is empty for a sample, its statistics are
+    placeholders: the term is multiplied by that mask, so the content passes through."""
     rank = content.dim()
-    mean_c, var_c = stats._mean_var(content, correction, content_mask)
+    mean_c, var_c = stats._mean_var(content, correction, content_mask, mask_name, empty_ok=True)
     inv_std_c = torch.rsqrt(var_c + eps)
     # With eps: the folded form's terms scale with 1/sqrt(var + eps), so a spread far below
     # sqrt(eps) cancels no more (measured: at std 1e-4, |mean|/std 1e3, output 1.3e-5 folded
@@ -1462,9 +1482,11 @@ def adain(
       values outside [0, 1] extrapolate (more, or "negative", style) and are allowed.
     - **Spatial control** (paper sec. 7.4): ``content_mask`` (values in [0, 1]) restricts where
       the content statistics are measured and where the output is written: outside it the
-      content passes through, a soft mask blends. ``style_mask`` restricts which style positions
-      count. Statistics are normalized by the mask's total weight. For several regions with
-      several styles in one call see :func:`adain_regions`.
+      content passes through, a soft mask blends (a sample whose content mask is empty, say a
+      region missing from that image, passes through whole). ``style_mask`` restricts which
+      style positions count (it must not be empty). Statistics are normalized by the mask's
+      total weight. For several regions with several styles in one call see
+      :func:`adain_regions`.
 
     Gradients flow to the content, the style, the precomputed statistics, the interpolation
     weights, a soft mask and a tensor ``alpha``, to any order. Without masks, spatial maps or
@@ -1614,6 +1636,7 @@ def adain_regions(
             alpha_value,
             corr,
             eps,
+            f"regions[{r}].content_mask",
         )
         terms.append(term)
     return _adain_apply(content, terms)

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import functional, stats
 
 __all__ = [
     "AdaIN",
@@ -54,13 +54,16 @@ class _ConditionalInstanceNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("num_features", num_features), ("num_styles", num_styles)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if num_features <= 0 or num_styles <= 0:
             raise ValueError(
                 f"num_features and num_styles must be positive, got num_features={num_features} "
                 f"and num_styles={num_styles}"
             )
         self.num_features = num_features
-        self.eps = eps
+        self.eps = functional._style_check_eps(eps)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_styles, num_features, **factory))  # type: ignore[arg-type]
         if bias:
@@ -411,7 +414,7 @@ class StyleAdaIN(nn.Module):
             :math:`\gamma`, ``[C:]`` is :math:`\beta`.
 
     Shape:
-        - Input: :math:`(N, C, *)`; style code: :math:`(N, D)`
+        - Input: :math:`(N, C, *)`; style code: :math:`(N, D)` or :math:`(1, D)` (one for all)
         - Output: same shape as the input
 
     Example::
@@ -448,12 +451,23 @@ class StyleAdaIN(nn.Module):
         return f"style_dim={self.style_dim}, num_features={self.num_features}, eps={self.eps}"
 
     def forward(self, input: Tensor, style: Tensor) -> Tensor:
+        input = stats.check_features(input, "input")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"input must have num_features={self.num_features} channels, got input of shape "
+                f"{tuple(input.shape)}"
+            )
         if not isinstance(style, Tensor):
             raise TypeError(f"style must be a torch.Tensor, got {type(style).__name__}")
         if style.dim() != 2 or style.shape[1] != self.style_dim:
             raise ValueError(
                 f"style must be a style code of shape (N, style_dim) = (N, {self.style_dim}), "
                 f"got style of shape {tuple(style.shape)}"
+            )
+        if style.shape[0] not in (1, input.shape[0]):
+            raise ValueError(
+                f"style must have one code per sample (or one for all): got style of shape "
+                f"{tuple(style.shape)} for input of shape {tuple(input.shape)}"
             )
         gamma, beta = self.affine(style).chunk(2, dim=1)
         return functional.adain(input, style_mean=beta, style_std=gamma, eps=self.eps)
