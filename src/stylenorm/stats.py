@@ -363,10 +363,11 @@ def _rows_mean_var(rows: Tensor) -> tuple[Tensor, Tensor]:
 
 # Largest |mean| / std of a (sample, channel) row for which batch norm keeps the rows' first
 # two-pass statistics. Their float32 mean is a few units in the last place off, which the output
-# and the gradients carry (x * a + b folds it in). Measured against float64 at (8,64,32,32),
-# with the merge in float64: without the refinement, weight-gradient errors 1.6x torch.nn's
-# (whose kernel accumulates in double) at |mean| / std = 10 and 1.4x at 100, output 2x and
-# running variance 50x at 1e4; refined, all within 1.1x of torch.nn's at 1 to 1e4.
+# and the gradients carry (x * a + b folds it in), and merging the rows in float32 rounds off the
+# spread of their means. Measured against float64 at (8,64,32,32): unrefined, output and
+# weight-gradient errors 1.4x-3x torch.nn's (whose kernel accumulates in double) from
+# |mean| / std = 10, running variance 3x at 1e3 and 50x at 1e4; refined without the float64
+# merge, still 2x-3x from 10 and 20x at 1e4; with both, within 1.1x of torch.nn's at 1 to 1e4.
 _BATCH_REFINE_ABOVE_RATIO = 3.0
 
 
@@ -375,20 +376,24 @@ def _batch_mean_var_contiguous(x: Tensor) -> tuple[Tensor, Tensor]:
     ``(N, C, *spatial)`` tensor, ``(C,)`` each.
 
     Each (sample, channel) row is reduced two-pass (:func:`_rows_mean_var`), refined by the
-    corrected two-pass (:func:`_rows_refined_mean_var`) where some row's |mean| / std exceeds
-    ``_BATCH_REFINE_ABOVE_RATIO``; the N rows of a channel, all of M positions, merge with Chan
-    et al.'s formula for equal counts:
+    corrected two-pass (:func:`_rows_refined_mean_var`, then in float64) where some row's
+    |mean| / std exceeds ``_BATCH_REFINE_ABOVE_RATIO`` (a constant row at a nonzero value
+    counts); the N rows of a channel, all of M positions, merge with Chan et al.'s formula for
+    equal counts:
 
         mean_c = mean_n(mean_nc),   var_c = mean_n(var_nc) + mean_n((mean_nc - mean_c)^2).
     """
     n, c = x.shape[0], x.shape[1]
     rows = x.view(n * c, -1)
     row_mean, row_var = _rows_mean_var(rows)
-    if _largest_mean_to_spread(row_mean, row_var, 0.0, x) > _BATCH_REFINE_ABOVE_RATIO:
+    # Some var < (mean / ratio)^2, in two ops on the N * C values (the general ratio check cost
+    # 20-30 us more, 4% of the forward at (4,256,32,32)).
+    slack = torch.addcmul(row_var, row_mean, row_mean, value=-1.0 / _BATCH_REFINE_ABOVE_RATIO**2)
+    if bool(slack.min() < 0):
+        # Refined, and merged in float64: the spread of the row means about the channel's mean
+        # is then small against the mean, and float32 would round it off.
         row_mean, row_var = _rows_refined_mean_var(rows, row_mean, torch.float64)
-    # The merge in float64 (N * C values): the spread of the row means about the channel's mean
-    # is small against the mean, and float32 would round it off.
-    row_mean, row_var = row_mean.double().view(n, c), row_var.double().view(n, c)
+    row_mean, row_var = row_mean.view(n, c), row_var.view(n, c)
     mean = row_mean.mean(0)
     var = row_var.mean(0) + (row_mean - mean).square().mean(0)
     return mean.to(x.dtype), var.to(x.dtype)
