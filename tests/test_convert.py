@@ -220,3 +220,84 @@ def test_style_sequential_rejects_hidden_conditional_norms():
         stylenorm.StyleSequential(nn.Identity(), hidden)
     with pytest.raises(TypeError, match="takes no style"):
         stylenorm.StyleSequential(nn.Sequential(stylenorm.ConditionalInstanceNorm2d(3, 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared modules, training modes, failures
+
+
+class _Plain(nn.Module):
+    """A custom block with an affine instance norm that does not declare takes_style."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.InstanceNorm2d(4, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def test_to_conditional_keeps_repeated_and_shared_modules():
+    """A ReLU object used twice in one Sequential stays in both places; a norm shared by two
+    parents becomes one conditional norm, used in both (one set of style banks)."""
+    act = nn.ReLU()
+    shared = nn.InstanceNorm2d(4, affine=True)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), shared, act, nn.Sequential(nn.Conv2d(4, 4, 3), shared), act
+    )
+    x = torch.randn(2, 3, 12, 12)
+    before = net(x)
+    net = stylenorm.to_conditional(net, 3)
+    assert len(net) == 5 and net[2] is net[4] is act
+    assert isinstance(net[1], stylenorm.ConditionalInstanceNorm2d) and net[3][1] is net[1]
+    assert len(list(stylenorm.style_parameters(net))) == 2
+    torch.testing.assert_close(net(x, 2), before)
+
+
+@pytest.mark.parametrize("convert", [to_stylenorm, to_torch])
+def test_swapping_keeps_repeated_and_shared_norms(convert):
+    cls = nn.BatchNorm2d if convert is to_stylenorm else stylenorm.BatchNorm2d
+    bn = cls(3)
+    inner = nn.Sequential(bn)
+    model = nn.Sequential(bn, nn.ReLU(), bn, inner)
+    model = convert(model)
+    assert type(model[0]) is not cls and model[2] is model[0] and model[3][0] is model[0]
+    model.double()  # one module: its buffers are converted once, for every place it is used
+    model[3](torch.randn(4, 3, 2, 2, dtype=torch.float64))
+    assert model[0].running_mean is model[3][0].running_mean
+    assert int(model[0].num_batches_tracked) == 1
+
+
+def test_to_conditional_keeps_every_training_mode():
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.InstanceNorm2d(4, affine=True), nn.BatchNorm2d(4), nn.Dropout()
+    )
+    net[2].eval()  # a frozen BatchNorm, as when fine-tuning
+    net[3].eval()
+    modes = [m.training for m in net]
+    net = stylenorm.to_conditional(net, 2)
+    assert net.training and [m.training for m in net] == modes
+
+
+def test_failed_conversion_leaves_the_model_as_it_was():
+    net = nn.Sequential(nn.InstanceNorm2d(4, affine=True), _Plain())
+    children = list(net)
+    with pytest.raises(TypeError, match="takes no style"):
+        stylenorm.to_conditional(net, 2)
+    assert list(net) == children and type(net[1].norm) is nn.InstanceNorm2d
+    x = torch.randn(1, 4, 5, 5)
+    torch.testing.assert_close(net(x), children[1](children[0](x)))
+
+
+def test_conversions_name_a_non_module():
+    for fn in (to_stylenorm, to_torch, stylenorm.style_parameters):
+        with pytest.raises(TypeError, match=r"model must be an nn\.Module, got str"):
+            fn("model")  # type: ignore[arg-type]
+
+
+def test_legacy_checkpoint_of_a_shared_instance_norm():
+    norm = nn.InstanceNorm2d(3, affine=True)
+    model = nn.Sequential(norm, nn.ReLU(), norm)
+    stale = {f"{i}.{s}": torch.zeros(3) for i in (0, 2) for s in ("running_mean", "running_var")}
+    result = stylenorm.load_legacy_state_dict(model, dict(model.state_dict(), **stale))
+    assert sorted(result.dropped_keys) == sorted(stale)

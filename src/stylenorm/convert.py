@@ -10,8 +10,9 @@ you which keys it dropped.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -59,13 +60,13 @@ def strip_legacy_running_stats(
         >>> dropped
         ['norm.running_mean', 'norm.running_var']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     stale = {
         f"{name}.{stat}" if name else stat
-        for name, module in model.named_modules()
+        # Every name of a shared module: the state dict lists it under each.
+        for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, _InstanceNorm) and not module.track_running_stats
         for stat in _RUNNING_STAT_NAMES
     }
@@ -115,7 +116,53 @@ _TO_STYLENORM: dict[type[nn.Module], type[_NormBase]] = {
 _TO_TORCH: dict[type[nn.Module], type[_NormBase]] = {v: k for k, v in _TO_STYLENORM.items()}  # type: ignore[misc]
 
 
-def _swap_norms(module: nn.Module, mapping: dict[type[nn.Module], type[_NormBase]]) -> nn.Module:
+# A conversion's record: the module each original became (a module shared by several parents,
+# or used twice in one, becomes one module again), and the children it replaced, to put back if
+# the conversion fails half way.
+_Memo = dict[int, nn.Module]
+_Undo = list[tuple[nn.Module, str, nn.Module]]
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _convert_children(
+    module: nn.Module, convert: Callable[[nn.Module], nn.Module], undo: _Undo
+) -> None:
+    """Replace each child ``c`` of ``module`` by ``convert(c)``, in place, recorded in ``undo``.
+    Every slot (``_modules``), so a module used twice in one parent is converted in both."""
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new = convert(child)
+        if new is not child:
+            undo.append((module, name, child))
+            module._modules[name] = new
+
+
+def _converted(model: nn.Module, convert: Callable[..., nn.Module]) -> nn.Module:
+    """``convert(model, memo=, undo=)``; on an error, the model as it was (its replaced
+    children put back)."""
+    _check_model(model)
+    undo: _Undo = []
+    try:
+        return convert(model, memo={}, undo=undo)
+    except BaseException:
+        for parent, name, child in reversed(undo):
+            parent._modules[name] = child
+        raise
+
+
+def _swap_norms(
+    module: nn.Module,
+    mapping: dict[type[nn.Module], type[_NormBase]],
+    memo: _Memo,
+    undo: _Undo,
+) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
     target = mapping.get(type(module))
     output = module
     if target is not None:
@@ -135,8 +182,8 @@ def _swap_norms(module: nn.Module, mapping: dict[type[nn.Module], type[_NormBase
         for name, buffer in module._buffers.items():
             output._buffers[name] = buffer
         output.train(module.training)
-    for name, child in module.named_children():
-        output.add_module(name, _swap_norms(child, mapping))
+    memo[id(module)] = output
+    _convert_children(output, lambda child: _swap_norms(child, mapping, memo, undo), undo)
     return output
 
 
@@ -146,8 +193,9 @@ def to_stylenorm(model: nn.Module) -> nn.Module:
     The new layers share the original parameters and buffers (same tensors: optimizer state,
     device and dtype carry over), keep the training mode, and compute the same numbers. Children
     are replaced in place; the (possibly new) root is returned, so write
-    ``model = to_stylenorm(model)``. Subclasses, lazy and sync variants are left alone; hooks
-    registered on a replaced layer are not carried over.
+    ``model = to_stylenorm(model)``. A layer used in several places (or twice in one container)
+    becomes one new layer, used in all of them. Subclasses, lazy and sync variants are left
+    alone; hooks registered on a replaced layer are not carried over.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True))
@@ -155,7 +203,7 @@ def to_stylenorm(model: nn.Module) -> nn.Module:
         >>> type(model[1]).__module__
         'stylenorm.norm'
     """
-    return _swap_norms(model, _TO_STYLENORM)
+    return _converted(model, functools.partial(_swap_norms, mapping=_TO_STYLENORM))
 
 
 def to_torch(model: nn.Module) -> nn.Module:
@@ -166,7 +214,7 @@ def to_torch(model: nn.Module) -> nn.Module:
         >>> type(model[0]) is nn.BatchNorm2d
         True
     """
-    return _swap_norms(model, _TO_TORCH)
+    return _converted(model, functools.partial(_swap_norms, mapping=_TO_TORCH))
 
 
 _TO_CONDITIONAL: dict[type[nn.Module], type[style._ConditionalInstanceNorm]] = {
@@ -176,18 +224,23 @@ _TO_CONDITIONAL: dict[type[nn.Module], type[style._ConditionalInstanceNorm]] = {
 }
 
 
-def _conditional(module: nn.Module, num_styles: int) -> nn.Module:
+def _conditional(module: nn.Module, memo: _Memo, undo: _Undo, num_styles: int) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
     for kind, target in _TO_CONDITIONAL.items():
         if isinstance(module, kind) and module.affine:
-            new = target.from_instance_norm(module, num_styles)
-            return new.train(module.training)
-    for name, child in module.named_children():
-        module.add_module(name, _conditional(child, num_styles))
+            new = target.from_instance_norm(module, num_styles).train(module.training)
+            memo[id(module)] = new
+            return new
+    memo[id(module)] = module
+    _convert_children(module, lambda child: _conditional(child, memo, undo, num_styles), undo)
     if type(module) is nn.Sequential and any(
         isinstance(m, style._ConditionalInstanceNorm) for m in module.modules()
     ):
-        chain = style.StyleSequential(OrderedDict(module.named_children()))
-        return chain.train(module.training)
+        chain = style.StyleSequential(OrderedDict(module._modules))  # every slot, repeats too
+        chain.training = module.training  # the container's own flag only: children keep theirs
+        memo[id(module)] = chain
+        return chain
     return module
 
 
@@ -211,6 +264,9 @@ def to_conditional(model: nn.Module, num_styles: int) -> nn.Module:
     Other layers, non-affine instance norms (nothing to condition) and other norms are left
     alone; the conversion is in place for children, hooks of replaced modules are not carried
     over, and the (possibly new) root is returned: write ``model = to_conditional(model, S)``.
+    A module used in several places (or twice in one ``Sequential``) is converted once and
+    stays shared; the training modes of all layers are kept. If the conversion fails (a custom
+    module without ``takes_style`` inside a ``Sequential``), the model is left as it was.
     An instance norm that tracks running statistics warns: a conditional norm always uses
     instance statistics, so its evaluation-mode output differs.
 
@@ -231,11 +287,10 @@ def to_conditional(model: nn.Module, num_styles: int) -> nn.Module:
         >>> torch.allclose(net(x, 3), before, atol=1e-6)
         True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if isinstance(num_styles, bool) or not isinstance(num_styles, int) or num_styles <= 0:
         raise ValueError(f"num_styles must be a positive int, got {num_styles!r}")
-    return _conditional(model, num_styles)
+    return _converted(model, functools.partial(_conditional, num_styles=num_styles))
 
 
 def style_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -249,6 +304,11 @@ def style_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
         [(3, 4), (3, 4)]
         >>> optimizer = torch.optim.Adam(style_parameters(net), lr=1e-3)
     """
+    _check_model(model)
+    return _style_parameters(model)
+
+
+def _style_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, style._ConditionalInstanceNorm):
