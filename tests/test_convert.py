@@ -222,6 +222,22 @@ def test_style_sequential_rejects_hidden_conditional_norms():
         stylenorm.StyleSequential(nn.Sequential(stylenorm.ConditionalInstanceNorm2d(3, 2)))
 
 
+def test_style_sequential_sum_and_repeat_stay_style_sequentials():
+    norm = stylenorm.ConditionalInstanceNorm2d(3, 2)
+    with torch.no_grad():
+        norm.bias[1].fill_(1.0)
+    chain = stylenorm.StyleSequential(norm, nn.ReLU())
+    x = torch.randn(2, 3, 4, 4)
+    once = chain(x, 1)
+    for combined, expected in (
+        (chain + nn.Sequential(nn.Identity()), once),
+        (chain * 2, chain(once, 1)),
+        (2 * chain, chain(once, 1)),
+    ):
+        assert type(combined) is stylenorm.StyleSequential
+        torch.testing.assert_close(combined(x, 1), expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # Shared modules, training modes, failures
 

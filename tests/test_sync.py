@@ -120,6 +120,16 @@ def test_without_process_group_is_batch_norm():
     assert isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_errors_without_process_group_are_torch_nn_s(training: bool):
+    for channels, x in ((0, torch.randn(2, 0, 4)), (3, torch.randn(3))):
+        with pytest.raises(ValueError) as ours:
+            stylenorm.SyncBatchNorm(channels).train(training)(x)
+        with pytest.raises(ValueError) as theirs:
+            nn.SyncBatchNorm(channels).train(training)(x)
+        assert str(ours.value) == str(theirs.value)
+
+
 def test_convert_keeps_parameters_and_mode():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), stylenorm.BatchNorm2d(4), nn.BatchNorm1d(2))
     net[1].eval()

@@ -534,6 +534,17 @@ class StyleSequential(nn.Sequential):
             input = module(input, style) if _takes_style(module) else module(input)
         return input
 
+    # ``chain + other`` and ``chain * k`` stay StyleSequentials (torch.nn's build a Sequential,
+    # which could not be given the style), as slicing does.
+    def __add__(self, other: nn.Sequential) -> StyleSequential:
+        return StyleSequential(*super().__add__(other))
+
+    def __mul__(self, other: int) -> StyleSequential:
+        return StyleSequential(*super().__mul__(other))
+
+    def __rmul__(self, other: int) -> StyleSequential:
+        return self.__mul__(other)
+
 
 def _takes_style(module: nn.Module) -> bool:
     return getattr(type(module), "takes_style", False) is True

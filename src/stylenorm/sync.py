@@ -186,11 +186,12 @@ class SyncBatchNorm(_BatchNorm):
             and dist.is_initialized()
             and dist.get_world_size(group) > 1
         )
-        if not need_sync:
-            return super().forward(input)
+        # torch.nn.SyncBatchNorm's checks, in its order, on every path.
         self._check_input_dim(input)
         if input.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        if not need_sync:
+            return super().forward(input)
         track = self.track_running_stats
         out: Tensor = _SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
             input,
