@@ -71,3 +71,27 @@ def test_bad_name_and_shape_mismatch() -> None:
         assert_matches_reference(gram_loss, "gramloss")
     with pytest.raises(AssertionError, match=r"shape \(2,\), the reference has shape \(\)"):
         assert_matches_reference(lambda x, y: gram_loss(x, y, reduction="none"), "gram_loss")
+
+
+def test_scalar_mismatch_names_no_factor_unless_one_matches() -> None:
+    # Two scalars are always proportional: a wrong loss that is off by no named factor gets no
+    # "convention factor" hint (here, the arguments swapped), one off by C² still does.
+    lua = get_convention("adain_lua")
+    with pytest.raises(AssertionError) as swapped:
+        assert_matches_reference(lambda x, y: lua(y, x), "adain_lua")
+    assert "convention factor" not in str(swapped.value)
+    with pytest.raises(AssertionError, match=r"= C² × reference"):
+        assert_matches_reference(lambda x, y: 9 * lua(x, y), "adain_lua")
+
+
+def test_argument_errors() -> None:
+    with pytest.raises(ValueError, match="name must be one of"):
+        assert_matches_reference(gram_loss, ["magenta"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="input_shape must be a sequence of ints, got int"):
+        assert_matches_reference(gram_loss, "gram_loss", input_shape=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"input_shape must be \(N, C, \*spatial\)"):
+        assert_matches_reference(gram_loss, "gram_loss", input_shape=(0, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"target_shape must be \(N, C, \*spatial\)"):
+        assert_matches_reference(gram_loss, "gram_loss", target_shape=(2, 3))
+    with pytest.raises(ValueError, match="target_shape must be None for 'gram_matrix'"):
+        assert_matches_reference(gram_matrix, "gram_matrix", target_shape=(1, 3, 4, 4))

@@ -57,12 +57,17 @@ def _to_numpy(value: Any) -> NDArray[np.float64]:
 def _factor_hint(
     actual: NDArray[np.float64], expected: NDArray[np.float64], shape: Sequence[int]
 ) -> str:
-    """Name the constant factor between proportional results, if there is one."""
+    """Name the constant factor between proportional results, if there is one. Two scalars are
+    always proportional: for them, only a named factor is a hint."""
     norm = float((expected * expected).sum())
     if actual.shape != expected.shape or norm == 0.0:
         return ""
     ratio = float((actual * expected).sum()) / norm
-    if not np.allclose(actual, ratio * expected, rtol=1e-6, atol=0.0) or math.isclose(ratio, 1.0):
+    if (
+        not math.isfinite(ratio)
+        or not np.allclose(actual, ratio * expected, rtol=1e-6, atol=0.0)
+        or math.isclose(ratio, 1.0, rel_tol=1e-6)
+    ):
         return ""
     n, c, m = shape[0], shape[1], math.prod(shape[2:])
     named: dict[str, float] = {
@@ -80,8 +85,31 @@ def _factor_hint(
     matches = [
         label for label, factor in named.items() if math.isclose(ratio, factor, rel_tol=1e-6)
     ]
+    if not matches and expected.size == 1:
+        return ""
     which = f" = {' or '.join(matches)}" if matches else ""
     return f"\nactual = {ratio:.6g}{which} × reference (N={n}, C={c}, M={m}): a convention factor?"
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or name not in REFERENCES:
+        raise ValueError(f"name must be one of {', '.join(REFERENCES)}; got {name!r}")
+
+
+def _check_shape(shape: object, argument: str) -> tuple[int, ...]:
+    """``(N, C, *spatial)`` of positive ints, at least one spatial dimension."""
+    if not isinstance(shape, Sequence) or isinstance(shape, str):
+        raise TypeError(f"{argument} must be a sequence of ints, got {type(shape).__name__}")
+    sizes = tuple(shape)
+    if (
+        len(sizes) < 3
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in sizes)
+        or any(s <= 0 for s in sizes)
+    ):
+        raise ValueError(
+            f"{argument} must be (N, C, *spatial) with positive sizes, got {tuple(shape)!r}"
+        )
+    return sizes
 
 
 def assert_close_to_reference(
@@ -109,8 +137,7 @@ def assert_close_to_reference(
         >>> g = x.reshape(2, 3, 16) @ x.reshape(2, 3, 16).mT / 16
         >>> assert_close_to_reference(g, "gram_matrix", x, normalize="hw")
     """
-    if name not in REFERENCES:
-        raise ValueError(f"name must be one of {', '.join(REFERENCES)}; got {name!r}")
+    _check_name(name)
     args = [_to_numpy(input)] + ([] if target is None else [_to_numpy(target)])
     expected = np.asarray(REFERENCES[name](*args, **options), dtype=np.float64)
     got = _to_numpy(actual)
@@ -156,13 +183,17 @@ def assert_matches_reference(
         >>> from stylenorm.losses import get_convention
         >>> assert_matches_reference(get_convention("adain_pytorch"), "adain_pytorch")
     """
+    _check_name(name)
+    input_sizes = _check_shape(input_shape, "input_shape")
+    if name == "gram_matrix" and target_shape is not None:
+        raise ValueError("target_shape must be None for 'gram_matrix', which takes no target")
     gen = torch.Generator().manual_seed(seed)
-    input = torch.randn(tuple(input_shape), generator=gen, dtype=torch.float64).relu()
+    input = torch.randn(input_sizes, generator=gen, dtype=torch.float64).relu()
     if name == "gram_matrix":
         actual = fn(input.clone())
         assert_close_to_reference(actual, name, input, rtol=rtol, atol=atol, **options)
         return
-    shape = tuple(input_shape if target_shape is None else target_shape)
+    shape = input_sizes if target_shape is None else _check_shape(target_shape, "target_shape")
     target = 0.5 + 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64).relu()
     actual = fn(input.clone(), target.clone())
     assert_close_to_reference(actual, name, input, target, rtol=rtol, atol=atol, **options)
