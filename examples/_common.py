@@ -14,7 +14,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import ClassVar, TextIO, TypeVar
 
@@ -230,10 +230,22 @@ def parser_for(doc: str | None, out: str, vgg: bool = True) -> argparse.Argument
 
 def positive_int(value: str) -> int:
     """argparse type: an integer > 0."""
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
+    return int_at_least(1)(value)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer of at least ``minimum`` (an image size that the networks'
+    reflection padding and downsampling can take)."""
+
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer of at least {minimum}, got {value}"
+            )
+        return number
+
+    return parse
 
 
 def report(message: str) -> None:

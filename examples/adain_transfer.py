@@ -31,7 +31,15 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Progress, RandomFeatures, VGGFeatures, parser_for, positive_int, report
+from _common import (
+    Progress,
+    RandomFeatures,
+    VGGFeatures,
+    int_at_least,
+    parser_for,
+    positive_int,
+    report,
+)
 from _images import dots, labelled_grid, marble, scene, stripes, waves, write_png
 
 import stylenorm
@@ -77,7 +85,7 @@ def decode(
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the example; return the paths of the images it wrote."""
     parser = parser_for(__doc__, out="adain-transfer")
-    parser.add_argument("--size", type=positive_int, default=128, help="image size in pixels")
+    parser.add_argument("--size", type=int_at_least(3), default=128, help="image size in pixels")
     parser.add_argument(
         "--decode-steps", type=positive_int, default=150, help="pixel optimisation steps"
     )

@@ -31,7 +31,7 @@ import adain_transfer
 import drop_in
 import multi_style_network
 import texture_synthesis
-from _common import parser_for, report
+from _common import parser_for, positive_int, report
 from _images import read_png, resize, stack, text, write_png
 
 # Demo-sized settings of each example (the scripts' own defaults are larger), and tiny ones.
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "as README's docs/ pictures (overview.png becomes demo_overview.png)",
     )
     parser.add_argument(
-        "--width", type=int, default=600, help="width of the overview picture in pixels"
+        "--width", type=positive_int, default=600, help="width of the overview picture in pixels"
     )
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import parser_for, positive_int, report
+from _common import int_at_least, parser_for, positive_int, report
 from _images import labelled_grid, resize, scene, write_png
 
 import stylenorm
@@ -67,7 +67,7 @@ def legacy_checkpoint(model: nn.Module) -> dict[str, Tensor]:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the example; return the paths of the images it wrote."""
     parser = parser_for(__doc__, out="drop-in", vgg=False)
-    parser.add_argument("--size", type=positive_int, default=96, help="image size in pixels")
+    parser.add_argument("--size", type=int_at_least(3), default=96, help="image size in pixels")
     parser.add_argument("--width", type=positive_int, default=16, help="channels of the model")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Progress, feature_extractor, parser_for, positive_int, report
+from _common import Progress, feature_extractor, int_at_least, parser_for, positive_int, report
 from _images import (
     dots,
     labelled_grid,
@@ -186,7 +186,7 @@ def train(
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the example; return the paths of the images it wrote."""
     parser = parser_for(__doc__, out="multi-style-network")
-    parser.add_argument("--size", type=positive_int, default=64, help="training image size")
+    parser.add_argument("--size", type=int_at_least(12), default=64, help="training image size")
     parser.add_argument("--steps", type=positive_int, default=800, help="training steps")
     parser.add_argument(
         "--finetune-steps", type=positive_int, default=150, help="steps to learn the new style"
@@ -201,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         help="style loss: gram, mean_std, or a convention name of stylenorm.CONVENTIONS",
     )
     args = parser.parse_args(argv)
+    losses = ("gram", "mean_std", *stylenorm.CONVENTIONS)
+    if args.loss not in losses:
+        parser.error(f"unknown --loss {args.loss!r}; choose from {', '.join(losses)}")
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()

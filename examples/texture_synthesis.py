@@ -34,7 +34,15 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Features, Progress, feature_extractor, parser_for, positive_int, report
+from _common import (
+    Features,
+    Progress,
+    feature_extractor,
+    int_at_least,
+    parser_for,
+    positive_int,
+    report,
+)
 from _images import dots, labelled_grid, line_plot, marble, stack, stripes, waves, write_png
 
 import stylenorm
@@ -157,7 +165,7 @@ def synthesise(
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the example; return the paths of the images it wrote."""
     parser = parser_for(__doc__, out="texture-synthesis")
-    parser.add_argument("--size", type=positive_int, default=128, help="image size in pixels")
+    parser.add_argument("--size", type=int_at_least(24), default=128, help="image size in pixels")
     parser.add_argument("--steps", type=positive_int, default=200, help="optimisation steps")
     parser.add_argument(
         "--textures",
@@ -183,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for name in losses:
         if name not in LOSSES:
             parser.error(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    if not textures or not losses:
+        parser.error("--textures and --losses must each name at least one")
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()

@@ -125,3 +125,32 @@ def test_vgg_needs_torchvision_or_a_file(
     missing = str(tmp_path / "missing-vgg19.pth")
     with pytest.raises(SystemExit, match=r"torchvision|no such file"):
         examples[script].main(["--vgg", missing, "--size", "16", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("texture_synthesis", ["--size", "23"], "at least 24"),
+        ("texture_synthesis", ["--textures", ","], "at least one"),
+        ("texture_synthesis", ["--losses", "gram,nope"], "unknown loss 'nope'"),
+        ("multi_style_network", ["--size", "11"], "at least 12"),
+        ("multi_style_network", ["--loss", "bogus"], "unknown --loss 'bogus'"),
+        ("adain_transfer", ["--size", "2"], "at least 3"),
+        ("drop_in", ["--size", "2"], "at least 3"),
+        ("demo", ["--width", "0"], "at least 1"),
+    ],
+)
+def test_bad_options_stop_before_any_work(
+    examples: dict[str, ModuleType],
+    script: str,
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # argparse's usage error (exit status 2), not a traceback after the work has run.
+    with pytest.raises(SystemExit) as stop:
+        examples[script].main([*argv, "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
