@@ -124,7 +124,7 @@ def test_vgg_needs_torchvision_or_a_file(
 ) -> None:
     missing = str(tmp_path / "missing-vgg19.pth")
     with pytest.raises(SystemExit, match=r"torchvision|no such file"):
-        examples[script].main(["--vgg", missing, "--size", "16", "--out", str(tmp_path)])
+        examples[script].main(["--vgg", missing, "--size", "24", "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize(
