@@ -265,6 +265,13 @@ def test_region_missing_from_one_image_passes_it_through(offset: float, correcti
     assert torch.equal(single[1], content[1])
     (out.square().sum() + single.sum()).backward()
     assert content.grad is not None and bool(content.grad.isfinite().all())
+    # The derivative in a soft mask that is zero on a whole image: that of blending in the
+    # image stylized with its whole-map statistics (not one scaled by 1 / sqrt(eps)).
+    soft = upper.clone().requires_grad_()
+    adain(content.detach(), style_a, content_mask=soft, correction=correction).sum().backward()
+    assert soft.grad is not None
+    whole = adain(content.detach()[1:], style_a, correction=correction) - content.detach()[1:]
+    torch.testing.assert_close(soft.grad[1:], whole.sum(1, keepdim=True))
 
 
 def test_single_region_equals_adain_with_masks() -> None:

@@ -540,7 +540,7 @@ def test_batch_norm_fast_path_as_precise_as_torch_nn_at_large_mean(offset: float
     assert functional._batch_norm_fast_path(x, None, None, None, None)
 
     def run(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-        xs = x.to(dtype).requires_grad_()
+        xs = x.to(dtype, copy=True).requires_grad_()  # each run its own leaf and gradient
         weight, bias = (torch.ones(64, dtype=dtype, requires_grad=True) for _ in range(2))
         running = (torch.zeros(64, dtype=dtype), torch.ones(64, dtype=dtype))
         y = fn(xs, *running, weight, bias, True, 0.5, 1e-5)

@@ -393,5 +393,9 @@ def test_style_loss_errors() -> None:
     # Keys that are not strings: looked up as the strings the targets' keys became.
     y, x = _features(1, 3, 4, 4), _features(2, 3, 4, 4, seed=1)
     torch.testing.assert_close(StyleLoss({0: y})({0: x}), gram_loss(x, y))
+    with pytest.raises(ValueError, match="targets has keys that are equal as strings"):
+        StyleLoss({0: y, "0": y})
+    with pytest.raises(ValueError, match="inputs has keys that are equal as strings"):
+        StyleLoss({0: y})({0: x, "0": x})
     with pytest.raises(ValueError, match="inputs must hold 3 feature maps, got 2"):
         StyleLoss(list(targets.values()))(list(inputs.values())[:2])

@@ -120,6 +120,9 @@ def test_constructor_argument_types() -> None:
         ConditionalInstanceNorm2d(3.0, 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="eps must be a non-negative number, got 'a'"):
         ConditionalInstanceNorm2d(3, 2, eps="a")  # type: ignore[arg-type]
+    # Integers of other types (numpy's) are ints.
+    m = ConditionalInstanceNorm2d(np.int64(3), np.int16(2))  # type: ignore[arg-type]
+    assert (m.num_features, m.num_styles) == (3, 2) and type(m.num_features) is int
 
 
 def test_style_errors_through_module() -> None:

@@ -143,7 +143,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
             # Half input at a large |mean| / spread: the kernel below folds the mean into the
             # shift, whose terms then cancel (a constant channel at 3e3 came out 0.03 off); on
             # x - mean in float32 instead, rounded once.
-            centred = torch.sub(x.to(a.dtype), mean.reshape(view))
+            centred = x.to(a.dtype).sub_(mean.reshape(view))  # (a float32 copy of half x)
             if shift is None:
                 centred.mul_(a.reshape(view))
             else:
@@ -342,7 +342,7 @@ class _ContiguousNorm(torch.autograd.Function):
     following ``ReLU(inplace=True)``) fail. With ``refine`` (some (sample, channel) above
     ``stats._REFINE_ABOVE_RATIO``, where the kernel's float32 1/sigma is off by 3e-6 at
     |mean|/sigma = 1e3), the statistics are refined by a corrected two-pass and the output
-    recomputed by torch's batch-norm kernel in evaluation mode. Returns ``(y, mean, rstd)``,
+    recomputed from them on ``x - mean``, ``(x - mean) * a + shift``. Returns ``(y, mean, rstd)``,
     the statistics ``(N, C)`` in float32 for half inputs.
 
     The backward pass is the closed form of :class:`_ChannelsLastNorm`, computed by torch's
@@ -373,7 +373,8 @@ class _ContiguousNorm(torch.autograd.Function):
             # cancel again (a constant channel at mean 1e4 came out 0.08 off its shift).
             view = (n, c) + (1,) * (x.dim() - 2)
             a = rstd if scale is None else rstd * scale.to(acc)
-            y = torch.sub(x.to(acc), mean.view(view))  # a new tensor, also for float32 x
+            y = x.to(acc)  # a float32 copy of half x, x itself otherwise: not changed in place
+            y = y.sub_(mean.view(view)) if y is not x else torch.sub(x, mean.view(view))
             if shift is None:
                 y.mul_(a.view(view))
             else:

@@ -75,9 +75,11 @@ class _CachedTargetLoss(nn.Module):
         self.persistent = bool(persistent)
 
     def _cache(self, name: str, value: Tensor | None) -> None:
-        # A copy: some statistics are views of the caller's target (MMD's feature matrices),
-        # which must neither follow its later in-place changes nor receive load_state_dict's.
-        cached = None if value is None else value.detach().clone()
+        # A view (MMD's feature matrices can be one of the caller's target) is copied: the buffer
+        # must neither follow the target's later in-place changes nor receive load_state_dict's.
+        cached = None if value is None else value.detach()
+        if cached is not None and value is not None and value._base is not None:
+            cached = cached.clone()
         self.register_buffer(name, cached, self.persistent)
 
     def _check_input_device(self, input: object) -> None:
@@ -524,6 +526,8 @@ class StyleLoss(nn.Module):
         if not items:
             raise ValueError("targets must hold at least one layer")
         names = [k for k, _ in items]
+        if len(set(names)) != len(names):
+            raise ValueError(f"targets has keys that are equal as strings: {names}")
         self.layer_weights = self._check_weights(weights, names)
         masks = self._per_layer(target_masks, "target_masks", names)
         if isinstance(loss, str) and loss in _LAYER_LOSSES:
@@ -622,6 +626,8 @@ class StyleLoss(nn.Module):
                     f"inputs must be a mapping like targets, got {type(inputs).__name__}"
                 )
             given = {str(k): v for k, v in inputs.items()}  # the targets' keys became strings
+            if len(given) != len(inputs):
+                raise ValueError(f"inputs has keys that are equal as strings: {list(inputs)}")
             missing = [k for k in self.layers if k not in given]
             if missing:
                 raise ValueError(f"inputs lack the layers {missing} of the targets")

@@ -13,6 +13,7 @@ they are not TorchScript-scriptable (the drop-in norms of :mod:`stylenorm.norm` 
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import ClassVar, Literal, TypeVar
@@ -55,8 +56,9 @@ class _ConditionalInstanceNorm(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("num_features", num_features), ("num_styles", num_styles)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        num_features, num_styles = operator.index(num_features), operator.index(num_styles)
         if num_features <= 0 or num_styles <= 0:
             raise ValueError(
                 f"num_features and num_styles must be positive, got num_features={num_features} "
