@@ -348,8 +348,10 @@ def test_style_loss_mask_errors() -> None:
     loss_fn = StyleLoss(targets)
     with pytest.raises(ValueError, match=r"masks has layers \['conv'\] that targets lack"):
         loss_fn(inputs, masks={"conv": torch.ones(2, 1, 8, 8)})
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(ValueError, match=r"layer 'relu1_1': mask must broadcast to input"):
         loss_fn(inputs, masks={"relu1_1": torch.ones(2, 1, 4, 4)})
+    with pytest.raises(ValueError, match=r"layer 'relu2_1': .*channels"):
+        loss_fn({**inputs, "relu2_1": torch.randn(2, 4, 4, 4, dtype=torch.float64)})
 
 
 def test_style_loss_with_convention_applies_its_scale() -> None:

@@ -645,7 +645,10 @@ class StyleLoss(nn.Module):
         layer_masks = self._per_layer(masks, "masks", list(self.layers))
         total: Tensor | None = None
         for name, layer in self.layers.items():
-            term = layer(features[name], layer_masks[name])
+            try:
+                term = layer(features[name], layer_masks[name])
+            except (ValueError, TypeError, IndexError) as error:  # which layer's input or mask
+                raise type(error)(f"layer {name!r}: {error}") from error
             term = term * (self.layer_weights[name] * self.scale)
             total = term if total is None else total + term
         assert total is not None
