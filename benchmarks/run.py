@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         type=float,
         default=0.5,
         help="mean of the standard normal input features; above 1, contiguous instance norm "
-        "(and CIN, AdaIN) takes its precise path",
+        "(and CIN, AdaIN) takes its precise path in forward+backward (the forward, timed "
+        "without a gradient, only above 30)",
     )
     parser.add_argument("--memory", action="store_true", help="measure peak fwd+bwd memory")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")

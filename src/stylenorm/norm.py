@@ -12,8 +12,9 @@ holds. Only the computation is replaced, by :mod:`stylenorm.functional`:
   and 16 channels up (2^17 with a gradient), or without a gradient from 64 (sample, channel)
   pairs of 16 channels, is normalized on that layout without transposing copies;
 - batch norm in training on contiguous float32/float64 CPU input of at least 2^19 values and 64
-  positions per channel takes stylenorm's statistics and torch's evaluation kernel and training
-  backward (faster, the same numbers to float32 rounding); every other case calls torch's kernel;
+  spatial positions per sample takes stylenorm's statistics and torch's evaluation kernel and
+  training backward (faster, the same numbers to float32 rounding); every other case calls
+  torch's kernel;
 - an empty batch returns an empty output and leaves every running statistic, and
   ``num_batches_tracked``, untouched (torch's ``InstanceNorm`` raises ``IndexError`` or writes NaN
   into its running statistics; torch's ``BatchNorm`` counts the empty step, which skews

@@ -874,8 +874,9 @@ def mean_var(
         ``(mean, var)``, each of shape ``(N, C)`` and of ``x``'s dtype (reduced in float32 for
         half and bfloat16 inputs). Differentiable to any order in ``x`` (and in a soft ``mask``).
 
-    The reduction is a single stable pass (no :math:`E[x^2]-E[x]^2` cancellation), so features
-    with a large mean keep their variance.
+    The reduction is stable (no :math:`E[x^2]-E[x]^2` cancellation): one pass of torch's
+    group-norm kernel, or two on a large channels_last input's own layout, refined by a
+    corrected pass at large means; so features with a large mean keep their variance.
 
     Example:
         >>> x = torch.randn(2, 3, 8, 8)
