@@ -88,6 +88,27 @@ def _save_normalization_context(
     ctx.mark_non_differentiable(mean, var)
 
 
+def _centred_affine(x: Tensor, mean: Tensor, a: Tensor, shift: Tensor | None) -> Tensor:
+    r"""``(x - mean) * a + shift`` with per-(sample, channel) ``(N, C)`` statistics in the compute
+    dtype (``a``'s), formed on ``x - mean``, in ``x``'s layout and returned in ``x``'s dtype.
+
+    The forms that fold the mean into the shift, ``x * a + (shift - mean * a)`` (ours and torch's
+    batch-norm kernels), cancel where :math:`|\mu| / \sigma` is large: a constant channel at 1e4
+    came out 0.08 off its shift in float32 (torch.nn: 0.027), at 3e3 0.03 off in half precision.
+    Here it is exactly the shift. Half input is computed in float32 and rounded once. Not
+    differentiable (in-place ops): for the forwards of the autograd Functions."""
+    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if x.dtype == a.dtype:
+        y = torch.sub(x, mean.reshape(view))
+    else:
+        y = x.to(a.dtype).sub_(mean.reshape(view))  # (a float32 copy of half x)
+    if shift is None:
+        y.mul_(a.reshape(view))
+    else:
+        torch.addcmul(shift.expand(x.shape[0], x.shape[1]).reshape(view), y, a.reshape(view), out=y)
+    return y.to(x.dtype)
+
+
 class _ChannelsLastNorm(torch.autograd.Function):
     r"""Instance normalization with a per-sample, per-channel affine map, for channels_last input.
 
@@ -128,27 +149,13 @@ class _ChannelsLastNorm(torch.autograd.Function):
         refine = ratio > stats._REFINE_ABOVE_RATIO  # False for NaN, where it cannot be read
         rstd = torch.rsqrt(var + eps)
         a = rstd if scale is None else rstd * scale
+        if refine:  # any dtype: the fused forms below cancel there
+            return _centred_affine(x, mean, a, shift), mean, var, ratio
         out = torch.empty_like(x)
-        view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
         if x.dtype == a.dtype:
-            if not refine:
-                b = -mean * a if shift is None else shift - mean * a
-                torch.addcmul(b.reshape(view), x, a.reshape(view), out=out)
-            elif shift is None:
-                torch.sub(x, mean.reshape(view), out=out).mul_(a.reshape(view))
-            else:
-                centred = torch.sub(x, mean.reshape(view), out=out)
-                torch.addcmul(shift.reshape(view), centred, a.reshape(view), out=out)
-        elif refine:
-            # Half input at a large |mean| / spread: the kernel below folds the mean into the
-            # shift, whose terms then cancel (a constant channel at 3e3 came out 0.03 off); on
-            # x - mean in float32 instead, rounded once.
-            centred = x.to(a.dtype).sub_(mean.reshape(view))  # (a float32 copy of half x)
-            if shift is None:
-                centred.mul_(a.reshape(view))
-            else:
-                torch.addcmul(shift.reshape(view), centred, a.reshape(view), out=centred)
-            out.copy_(centred)
+            view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+            b = -mean * a if shift is None else shift - mean * a
+            torch.addcmul(b.reshape(view), x, a.reshape(view), out=out)
         else:
             # Half input: torch's channels_last batch-norm kernel in evaluation mode, per sample,
             # with our statistics as the running ones: one fused pass, computed in float32 and
@@ -369,17 +376,8 @@ class _ContiguousNorm(torch.autograd.Function):
             flat = x.view(1, n * c, -1)
             mean, var = stats._rows_refined_mean_var(flat[0].to(acc), mean.reshape(n * c))
             mean, rstd = mean.view(n, c), torch.rsqrt(var + eps).view(n, c)
-            # (x - mean) * a + shift, on x - mean: a kernel's x * a + (shift - mean * a) would
-            # cancel again (a constant channel at mean 1e4 came out 0.08 off its shift).
-            view = (n, c) + (1,) * (x.dim() - 2)
             a = rstd if scale is None else rstd * scale.to(acc)
-            y = x.to(acc)  # a float32 copy of half x, x itself otherwise: not changed in place
-            y = y.sub_(mean.view(view)) if y is not x else torch.sub(x, mean.view(view))
-            if shift is None:
-                y.mul_(a.view(view))
-            else:
-                torch.addcmul(shift.to(acc).expand(n, c).reshape(view), y, a.view(view), out=y)
-            y = y.to(x.dtype)
+            y = _centred_affine(x, mean, a, None if shift is None else shift.to(acc))
         return y, mean, rstd
 
     @staticmethod
@@ -1035,10 +1033,13 @@ def _cin_check_ids(ids: Tensor, num_styles: int) -> None:
         )
 
 
-def _cin_unchecked_ids(ids: Tensor, num_styles: int) -> Tensor:
-    """Under torch.compile and vmap, where :func:`_cin_check_ids` cannot read the ids, a negative
-    id would index from the end (compiled code wraps it): it is sent out of range instead, where
-    the indexing kernel's own bounds check raises."""
+def _cin_ids(style: Tensor, num_styles: int, device: torch.device) -> Tensor:
+    """Integer style ids, range-checked (:func:`_cin_check_ids`), as ``long`` on ``device``.
+    Under torch.compile and vmap, where the ids cannot be read, a negative id would index from
+    the end (compiled code wraps it): it is sent out of range instead, where the indexing
+    kernel's own bounds check raises."""
+    _cin_check_ids(style, num_styles)
+    ids = style.to(device=device, dtype=torch.long)
     if not stats._values_unknown(ids):
         return ids
     return torch.where(ids < 0, num_styles, ids)
@@ -1075,10 +1076,7 @@ def _cin_select(
         mix = style.to(device=weight.device, dtype=weight.dtype)  # like the ids below
         return mix @ weight, None if bias is None else mix @ bias
     if style.dim() == 0:
-        _cin_check_ids(style, num_styles)
-        ids = _cin_unchecked_ids(
-            style.reshape(1).to(device=weight.device, dtype=torch.long), num_styles
-        )
+        ids = _cin_ids(style.reshape(1), num_styles, weight.device)
         gamma = weight.index_select(0, ids)[0]
         return gamma, None if bias is None else bias.index_select(0, ids)[0]
     if style.shape != (batch,):
@@ -1086,8 +1084,7 @@ def _cin_select(
             f"style ids must have shape (N,) = ({batch},), one id per sample, "
             f"got style of shape {tuple(style.shape)}"
         )
-    _cin_check_ids(style, num_styles)
-    ids = _cin_unchecked_ids(style.to(device=weight.device, dtype=torch.long), num_styles)
+    ids = _cin_ids(style, num_styles, weight.device)
     # index_select's gradient is zero outside the selected rows: only chosen styles are trained.
     return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
 
