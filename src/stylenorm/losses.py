@@ -77,10 +77,9 @@ class _CachedTargetLoss(nn.Module):
     def _cache(self, name: str, value: Tensor | None) -> None:
         # A view (MMD's feature matrices can be one of the caller's target) is copied: the buffer
         # must neither follow the target's later in-place changes nor receive load_state_dict's.
-        cached = None if value is None else value.detach()
-        if cached is not None and value is not None and value._base is not None:
-            cached = cached.clone()
-        self.register_buffer(name, cached, self.persistent)
+        if value is not None:
+            value = value.detach().clone() if value._base is not None else value.detach()
+        self.register_buffer(name, value, self.persistent)
 
     def _check_input_device(self, input: object) -> None:
         """A clear error for input on another device than the cached target (a module not
@@ -451,6 +450,15 @@ _LAYER_LOSSES: Mapping[str, Any] = MappingProxyType(
 )
 
 
+def _by_string_keys(mapping: Mapping[Any, Tensor], argument: str) -> dict[str, Tensor]:
+    """``mapping`` with its keys as strings (a state_dict's module names), which must stay
+    distinct."""
+    keyed = {str(k): v for k, v in mapping.items()}
+    if len(keyed) != len(mapping):
+        raise ValueError(f"{argument} has keys that are equal as strings: {list(mapping)}")
+    return keyed
+
+
 class StyleLoss(nn.Module):
     r"""Weighted sum of per-layer style losses against fixed targets.
 
@@ -515,7 +523,7 @@ class StyleLoss(nn.Module):
         super().__init__()
         if isinstance(targets, Mapping):
             self.keyed = True
-            items = [(str(k), v) for k, v in targets.items()]
+            items = list(_by_string_keys(targets, "targets").items())
         elif isinstance(targets, Sequence) and not isinstance(targets, (str, Tensor)):
             self.keyed = False
             items = [(str(i), v) for i, v in enumerate(targets)]
@@ -526,8 +534,6 @@ class StyleLoss(nn.Module):
         if not items:
             raise ValueError("targets must hold at least one layer")
         names = [k for k, _ in items]
-        if len(set(names)) != len(names):
-            raise ValueError(f"targets has keys that are equal as strings: {names}")
         self.layer_weights = self._check_weights(weights, names)
         masks = self._per_layer(target_masks, "target_masks", names)
         if isinstance(loss, str) and loss in _LAYER_LOSSES:
@@ -625,9 +631,7 @@ class StyleLoss(nn.Module):
                 raise TypeError(
                     f"inputs must be a mapping like targets, got {type(inputs).__name__}"
                 )
-            given = {str(k): v for k, v in inputs.items()}  # the targets' keys became strings
-            if len(given) != len(inputs):
-                raise ValueError(f"inputs has keys that are equal as strings: {list(inputs)}")
+            given = _by_string_keys(inputs, "inputs")  # the targets' keys became strings
             missing = [k for k in self.layers if k not in given]
             if missing:
                 raise ValueError(f"inputs lack the layers {missing} of the targets")
