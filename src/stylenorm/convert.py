@@ -129,14 +129,17 @@ def _check_model(model: object) -> None:
 
 
 def _convert_children(
-    module: nn.Module, convert: Callable[[nn.Module], nn.Module], undo: _Undo
+    module: nn.Module, convert: Callable[[nn.Module], nn.Module], memo: _Memo, undo: _Undo
 ) -> None:
     """Replace each child ``c`` of ``module`` by ``convert(c)``, in place, recorded in ``undo``.
-    Every slot (``_modules``), so a module used twice in one parent is converted in both."""
+    Every slot (``_modules``), so a module used twice in one parent is converted in both; each
+    module is converted once (``memo``), so one shared by several parents stays shared."""
     for name, child in list(module._modules.items()):
         if child is None:
             continue
-        new = convert(child)
+        if id(child) not in memo:  # (the originals stay alive, in place or in undo: ids hold)
+            memo[id(child)] = convert(child)
+        new = memo[id(child)]
         if new is not child:
             undo.append((module, name, child))
             module._modules[name] = new
@@ -161,8 +164,6 @@ def _swap_norms(
     memo: _Memo,
     undo: _Undo,
 ) -> nn.Module:
-    if id(module) in memo:
-        return memo[id(module)]
     target = mapping.get(type(module))
     output = module
     if target is not None:
@@ -182,8 +183,7 @@ def _swap_norms(
         for name, buffer in module._buffers.items():
             output._buffers[name] = buffer
         output.train(module.training)
-    memo[id(module)] = output
-    _convert_children(output, lambda child: _swap_norms(child, mapping, memo, undo), undo)
+    _convert_children(output, lambda child: _swap_norms(child, mapping, memo, undo), memo, undo)
     return output
 
 
@@ -225,21 +225,15 @@ _TO_CONDITIONAL: dict[type[nn.Module], type[style._ConditionalInstanceNorm]] = {
 
 
 def _conditional(module: nn.Module, memo: _Memo, undo: _Undo, num_styles: int) -> nn.Module:
-    if id(module) in memo:
-        return memo[id(module)]
     for kind, target in _TO_CONDITIONAL.items():
         if isinstance(module, kind) and module.affine:
-            new = target.from_instance_norm(module, num_styles).train(module.training)
-            memo[id(module)] = new
-            return new
-    memo[id(module)] = module
-    _convert_children(module, lambda child: _conditional(child, memo, undo, num_styles), undo)
+            return target.from_instance_norm(module, num_styles).train(module.training)
+    _convert_children(module, lambda child: _conditional(child, memo, undo, num_styles), memo, undo)
     if type(module) is nn.Sequential and any(
         isinstance(m, style._ConditionalInstanceNorm) for m in module.modules()
     ):
         chain = style.StyleSequential(OrderedDict(module._modules))  # every slot, repeats too
         chain.training = module.training  # the container's own flag only: children keep theirs
-        memo[id(module)] = chain
         return chain
     return module
 
