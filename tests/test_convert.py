@@ -231,6 +231,8 @@ def test_style_sequential_sum_and_repeat_stay_style_sequentials():
     once = chain(x, 1)
     for combined, expected in (
         (chain + nn.Sequential(nn.Identity()), once),
+        (nn.Sequential(nn.Identity()) + chain, once),  # plain Sequential on the left too
+        (nn.Sequential(nn.Tanh()) + chain, chain(torch.tanh(x), 1)),
         (chain * 2, chain(once, 1)),
         (2 * chain, chain(once, 1)),
     ):

@@ -386,7 +386,32 @@ class AdaIN(nn.Module):
         *,
         alpha: float | Tensor = 1.0,
     ) -> Tensor:
-        """Several styles in several regions: :func:`stylenorm.functional.adain_regions`."""
+        r"""Several styles in several regions: :func:`stylenorm.functional.adain_regions`.
+
+        .. math::
+
+            y = \Big(1 - \sum_r m_r\Big) x + \sum_r m_r z_r, \qquad
+            z_r = \alpha\,\mathrm{AdaIN}(x, s_r) + (1 - \alpha)\,x
+
+        where region :math:`r`'s content statistics are measured under its content mask
+        :math:`m_r` and its style :math:`s_r`'s under its style mask.
+
+        Args:
+            content: ``(N, C, *spatial)``.
+            regions: :class:`~stylenorm.functional.StyleRegion` s or tuples ``(style,
+                content_mask[, style_mask])``, masks ``(N or 1, 1 or C, *spatial)``.
+            alpha: content/style trade-off as in :meth:`forward`.
+
+        Returns:
+            ``(N, C, *spatial)``.
+
+        Example:
+            >>> content, style = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+            >>> everywhere = torch.ones(1, 1, 8, 8)
+            >>> y = AdaIN().forward_regions(content, [(style, everywhere)])
+            >>> torch.allclose(y, AdaIN()(content, style), atol=1e-6)
+            True
+        """
         return functional.adain_regions(
             content, regions, alpha=alpha, eps=self.eps, correction=self.correction
         )
@@ -536,10 +561,16 @@ class StyleSequential(nn.Sequential):
             input = module(input, style) if _takes_style(module) else module(input)
         return input
 
-    # ``chain + other`` and ``chain * k`` stay StyleSequentials (torch.nn's build a Sequential,
-    # which could not be given the style), as slicing does.
+    # ``chain + other``, ``other + chain`` and ``chain * k`` stay StyleSequentials (torch.nn's
+    # build a Sequential, which could not be given the style), as slicing does. Python asks a
+    # subclass on the right for ``__radd__`` before the plain Sequential's ``__add__``.
     def __add__(self, other: nn.Sequential) -> StyleSequential:
         return StyleSequential(*super().__add__(other))
+
+    def __radd__(self, other: nn.Sequential) -> StyleSequential:
+        if not isinstance(other, nn.Sequential):
+            return NotImplemented
+        return StyleSequential(*other, *self)
 
     def __mul__(self, other: int) -> StyleSequential:
         return StyleSequential(*super().__mul__(other))
