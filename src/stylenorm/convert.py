@@ -36,7 +36,21 @@ _RUNNING_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
 class LegacyLoadResult(NamedTuple):
     """What :func:`load_legacy_state_dict` did: torch's missing/unexpected keys, plus the
-    running-statistic keys it dropped."""
+    running-statistic keys it dropped.
+
+    Attributes:
+        missing_keys: keys of ``model`` the state dict lacked (as torch reports them).
+        unexpected_keys: keys of the state dict ``model`` has no place for.
+        dropped_keys: running-statistic keys of instance norms without tracked statistics,
+            removed before loading.
+
+    Example:
+        >>> model = nn.Sequential(nn.InstanceNorm2d(3))
+        >>> result = load_legacy_state_dict(
+        ...     model, {"0.running_mean": torch.zeros(3), "0.running_var": torch.ones(3)})
+        >>> result.missing_keys, result.unexpected_keys, result.dropped_keys
+        ([], [], ['0.running_mean', '0.running_var'])
+    """
 
     missing_keys: list[str]
     unexpected_keys: list[str]

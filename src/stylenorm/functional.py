@@ -1168,6 +1168,16 @@ class StyleRegion(NamedTuple):
             the content statistics are measured and the stylized output is written.
         style_mask: optional non-negative weights ``(N or 1, 1 or C, *style_spatial)``: which
             style positions count in the style statistics.
+
+    Example:
+        >>> content, style = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+        >>> left = torch.zeros(1, 1, 8, 8)
+        >>> left[..., :4] = 1.0
+        >>> region = StyleRegion(style, left)
+        >>> region.style_mask is None
+        True
+        >>> adain_regions(content, [region, StyleRegion(3 * style, 1 - left)]).shape
+        torch.Size([1, 3, 8, 8])
     """
 
     style: Tensor

@@ -361,7 +361,22 @@ class StyleConvention:
     def module(
         self, target: Tensor, *, target_mask: Tensor | None = None, persistent: bool = False
     ) -> nn.Module:
-        """The cached-target module of this loss (without ``scale``: see :class:`StyleLoss`)."""
+        """The cached-target module of this loss: :class:`GramLoss` or :class:`MeanStdLoss` with
+        this convention's options, the target's statistics computed once. Its value is the
+        convention's loss divided by ``scale`` (the scale is applied by :class:`StyleLoss`).
+
+        Args:
+            target: style features ``(N or 1, C, *spatial)``.
+            target_mask: optional weights ``(N or 1, 1 or C, *spatial)`` over the target.
+            persistent: keep the cached statistics in the module's state_dict.
+
+        Example:
+            >>> convention = CONVENTIONS["pytorch_examples"]  # scale 1
+            >>> target, x = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+            >>> loss = convention.module(target)
+            >>> type(loss).__name__, torch.allclose(loss(x), convention(x, target))
+            ('GramLoss', True)
+        """
         if self.loss == "gram":
             return GramLoss(target, target_mask=target_mask, persistent=persistent, **self.options)
         return MeanStdLoss(target, target_mask=target_mask, persistent=persistent, **self.options)
