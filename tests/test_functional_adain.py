@@ -516,6 +516,7 @@ STYLE = _randn(N, C, 4, 4, seed=80)
         ({"style": STYLE, "alpha": "1"}, TypeError, "alpha"),
         ({"style": STYLE, "alpha": torch.ones(2, dtype=F64)}, ValueError, "alpha"),
         ({"style": STYLE, "eps": -1.0}, ValueError, "eps"),
+        ({"style": STYLE, "eps": float("inf")}, ValueError, "eps"),
         ({"style": STYLE, "correction": -1}, ValueError, "correction"),
     ],
 )

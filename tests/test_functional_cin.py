@@ -257,6 +257,8 @@ def test_bank_and_input_errors() -> None:
         conditional_instance_norm(x[0, 0], 0, weight, bias)
     with pytest.raises(ValueError, match="eps"):
         conditional_instance_norm(x, 0, weight, bias, eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be a finite"):
+        conditional_instance_norm(x, 0, weight, bias, eps=float("inf"))
 
 
 def test_inputs_not_modified() -> None:

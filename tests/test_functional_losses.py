@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -636,12 +637,15 @@ def test_bad_input_rank_and_options() -> None:
         mmd_loss(X, y, kernel="rbf")
     with pytest.raises(ValueError, match="degree must be a positive integer"):
         mmd_loss(X, y, degree=0)
-    with pytest.raises(ValueError, match="sigma must be a positive number"):
-        mmd_loss(X, y, kernel="gaussian", sigma=0.0)
-    with pytest.raises(ValueError, match="eps must be a non-negative number"):
-        mean_std_loss(X, y, eps=-1.0)
-    with pytest.raises(ValueError, match="target_eps must be a non-negative number"):
-        mean_std_loss(X, y, target_eps=float("nan"))
+    for sigma in (0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="sigma must be a finite positive number"):
+            mmd_loss(X, y, kernel="gaussian", sigma=sigma)
+    for eps in (-1.0, math.inf):
+        with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+            mean_std_loss(X, y, eps=eps)
+    for eps in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="target_eps must be a finite non-negative number"):
+            mean_std_loss(X, y, target_eps=eps)
     with pytest.raises(ValueError, match="correction must be non-negative"):
         mean_std_loss(X, y, correction=-1)
 

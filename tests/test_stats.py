@@ -489,6 +489,7 @@ def test_compute_dtype():
         ({"x": torch.randn(2, 3, 4), "correction": "1"}, TypeError, "correction"),
         ({"x": torch.randn(2, 3, 4), "eps": -1.0}, ValueError, "eps"),
         ({"x": torch.randn(2, 3, 4), "eps": float("nan")}, ValueError, "eps"),
+        ({"x": torch.randn(2, 3, 4), "eps": float("inf")}, ValueError, "eps"),
         ({"x": torch.randn(2, 3, 4), "correction": float("nan")}, ValueError, "correction"),
         ({"x": torch.randn(2, 3, 4), "correction": float("inf")}, ValueError, "correction"),
         (

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -118,8 +121,20 @@ def test_constructor_argument_types() -> None:
         ConditionalInstanceNorm2d(3, 2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="num_features must be an int, got float"):
         ConditionalInstanceNorm2d(3.0, 2)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="eps must be a non-negative number, got 'a'"):
+    with pytest.raises(ValueError, match="eps must be a finite non-negative number, got 'a'"):
         ConditionalInstanceNorm2d(3, 2, eps="a")  # type: ignore[arg-type]
+    # eps = inf would give NaN outputs (inf / inf for a constant channel, 0 * inf), so the
+    # style layers refuse it at construction, as they refuse NaN and negative values.
+    for eps in (math.inf, math.nan, -1e-5):
+        for make in (
+            functools.partial(ConditionalInstanceNorm2d, 3, 2),
+            AdaIN,
+            functools.partial(StyleAdaIN, 4, 3),
+        ):
+            with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+                make(eps=eps)
+    with pytest.raises(ValueError, match="correction must be non-negative and finite"):
+        AdaIN(correction=-1)
     # Integers of other types (numpy's) are ints.
     m = ConditionalInstanceNorm2d(np.int64(3), np.int16(2))  # type: ignore[arg-type]
     assert (m.num_features, m.num_styles) == (3, 2) and type(m.num_features) is int

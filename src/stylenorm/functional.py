@@ -934,12 +934,6 @@ def batch_norm(
 # --------------------------------------------------------------------------------------------
 
 
-def _style_check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    return float(eps)
-
-
 def _style_keepdim(t: Tensor, rank: int) -> Tensor:
     """``(N, C)`` -> ``(N, C, 1, ..., 1)`` of the given rank."""
     return t.reshape(t.shape + (1,) * (rank - t.dim()))
@@ -1145,7 +1139,7 @@ def conditional_instance_norm(
         True
     """
     input = stats.check_features(input, "input")
-    eps = _style_check_eps(eps)
+    eps = stats._check_eps(eps)
     _cin_check_bank(weight, bias, input)
     gamma, beta = _cin_select(style, weight, bias, input.shape[0])
     dtype = stats.compute_dtype(input.dtype)
@@ -1529,7 +1523,7 @@ def adain(
         True
     """
     content = stats.check_features(content, "content")
-    eps = _style_check_eps(eps)
+    eps = stats._check_eps(eps)
     corr = stats._check_correction(correction)
     alpha_value = _adain_check_alpha(alpha, content)
     mean_s, std_s = _adain_style_stats(
@@ -1607,7 +1601,7 @@ def adain_regions(
         (True, True)
     """
     content = stats.check_features(content, "content")
-    eps = _style_check_eps(eps)
+    eps = stats._check_eps(eps)
     corr = stats._check_correction(correction)
     alpha_value = _adain_check_alpha(alpha, content)
     if isinstance(regions, Tensor) or not isinstance(regions, Sequence) or len(regions) == 0:
@@ -1701,12 +1695,6 @@ def _check_pair(input: object, target: object) -> tuple[Tensor, Tensor]:
     _check_same_channels(x.shape[1], y.shape[1])
     _check_batch(x.shape[0], y.shape[0])
     return x, y
-
-
-def _check_non_negative(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
 
 
 def _check_weight_total(total: Tensor, minimum: float, name: str) -> None:
@@ -2118,10 +2106,8 @@ def _loss_target_mean_std(
 def _check_mean_std_options(
     eps: object, target_eps: object, correction: object, reduction: object
 ) -> tuple[float, float, float]:
-    eps_value = _check_non_negative(eps, "eps")
-    target_value = (
-        eps_value if target_eps is None else _check_non_negative(target_eps, "target_eps")
-    )
+    eps_value = stats._check_eps(eps)
+    target_value = eps_value if target_eps is None else stats._check_eps(target_eps, "target_eps")
     corr = stats._check_correction(correction)
     _check_choice(reduction, "reduction", LOSS_REDUCTIONS)
     return eps_value, target_value, corr
@@ -2229,8 +2215,8 @@ def _check_mmd_options(
         raise TypeError(f"offset must be a number, got {type(offset).__name__}")
     if not math.isfinite(offset):
         raise ValueError(f"offset must be a finite number, got {offset!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be a finite positive number, got {sigma!r}")
     _check_choice(reduction, "reduction", LOSS_REDUCTIONS)
     return name, degree, float(offset), float(sigma)
 

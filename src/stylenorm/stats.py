@@ -841,6 +841,13 @@ def _channel_mean_var(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:
     return mean[0], var[0]
 
 
+def _check_eps(eps: object, name: str = "eps") -> float:
+    """``eps`` as a float: a finite non-negative number (NaN, infinity and bools fail)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"{name} must be a finite non-negative number, got {eps!r}")
+    return float(eps)
+
+
 def _check_correction(correction: object) -> float:
     if isinstance(correction, bool) or not isinstance(correction, (int, float)):
         raise TypeError(f"correction must be a number, got {type(correction).__name__}")
@@ -923,8 +930,7 @@ def mean_std(
     """
     x = check_features(x, "x")
     corr = _check_correction(correction)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:  # NaN fails
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    eps = _check_eps(eps)
     w = None if mask is None else check_mask(mask, x, "mask", "x")
     mean, var = _mean_var(x, corr, w)
     return mean.to(x.dtype), (var + eps).sqrt().to(x.dtype)

@@ -65,7 +65,7 @@ class _ConditionalInstanceNorm(nn.Module):
                 f"and num_styles={num_styles}"
             )
         self.num_features = num_features
-        self.eps = functional._style_check_eps(eps)
+        self.eps = stats._check_eps(eps)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_styles, num_features, **factory))  # type: ignore[arg-type]
         if bias:
@@ -346,7 +346,8 @@ class AdaIN(nn.Module):
 
     def __init__(self, eps: float = 1e-5, correction: float = 0) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps = stats._check_eps(eps)
+        stats._check_correction(correction)
         self.correction = correction
 
     def extra_repr(self) -> str:
@@ -463,7 +464,7 @@ class StyleAdaIN(nn.Module):
         super().__init__()
         self.style_dim = style_dim
         self.num_features = num_features
-        self.eps = eps
+        self.eps = stats._check_eps(eps)
         self.affine = nn.Linear(style_dim, 2 * num_features, device=device, dtype=dtype)
         self.reset_parameters()
 
