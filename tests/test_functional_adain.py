@@ -510,7 +510,7 @@ STYLE = _randn(N, C, 4, 4, seed=80)
         (
             {"style": STYLE, "style_mask": torch.zeros(1, 1, 4, 4)},
             ValueError,
-            "style_mask sums to zero",
+            "style_mask must have a positive total weight",
         ),
         ({"style": STYLE, "alpha": True}, TypeError, "alpha"),
         ({"style": STYLE, "alpha": "1"}, TypeError, "alpha"),

@@ -482,7 +482,11 @@ def test_compute_dtype():
         ({"x": torch.randn(2, 3, 4), "mask": torch.ones(2, 4)}, ValueError, "mask must"),
         ({"x": torch.randn(2, 3, 4), "mask": torch.ones(3, 1, 4)}, ValueError, "mask must"),
         ({"x": torch.randn(2, 3, 4), "mask": -torch.ones(2, 1, 4)}, ValueError, "non-negative"),
-        ({"x": torch.randn(2, 3, 4), "mask": torch.zeros(2, 1, 4)}, ValueError, "sums to zero"),
+        (
+            {"x": torch.randn(2, 3, 4), "mask": torch.zeros(2, 1, 4)},
+            ValueError,
+            "mask must have a positive total weight for every sample and channel",
+        ),
         ({"x": torch.randn(2, 3, 4), "mask": "m"}, TypeError, "mask must be a torch.Tensor"),
         ({"x": torch.randn(2, 3, 1), "correction": 1}, ValueError, "correction=1"),
         ({"x": torch.randn(2, 3, 4), "correction": -1}, ValueError, "correction"),

@@ -1697,23 +1697,6 @@ def _check_pair(input: object, target: object) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _check_weight_total(total: Tensor, minimum: float, name: str) -> None:
-    """Raise if a mask's total weight is at most ``minimum`` anywhere (eager mode only)."""
-    if stats._values_unknown(total) or total.numel() == 0:
-        return
-    if bool(total.min() <= minimum):
-        need = (
-            "a positive total weight"
-            if minimum == 0
-            else (f"a total weight greater than correction={minimum:g}")
-        )
-        raise ValueError(
-            f"{name} must have {need} for every sample"
-            + ("" if total.dim() == 1 else " and channel")
-            + f"; got a minimum total weight of {float(total.min())}"
-        )
-
-
 def _autocast_off(x: object) -> contextlib.AbstractContextManager[object]:
     """Autocast disabled on ``x``'s device while a loss or Gram matrix is computed.
 
@@ -1759,7 +1742,7 @@ def _loss_position_weights(mask: Tensor | None, x: Tensor, name: str, x_name: st
             f"for {x_name} of shape {tuple(x.shape)}; got {name} of shape {tuple(mask.shape)}"
         )
     w = w.to(stats.compute_dtype(x.dtype)).reshape(w.shape[0], 1, -1)
-    _check_weight_total(w.sum(-1).reshape(-1), 0.0, name)
+    stats._check_weight_total(w.sum(-1).reshape(-1), 0.0, name)
     return w
 
 
@@ -2068,10 +2051,7 @@ def _loss_mean_var(
     """Mean and variance in the compute dtype, with mask errors that name the argument."""
     if mask is None:
         return stats._mean_var(x, correction, None)
-    w = stats.check_mask(mask, x, name, x_name)
-    total = w.sum(tuple(range(2, w.dim()))).expand(x.shape[0], x.shape[1])
-    _check_weight_total(total, correction, name)
-    return stats._mean_var(x, correction, w)
+    return stats._mean_var(x, correction, stats.check_mask(mask, x, name, x_name), name)
 
 
 def _mean_std_loss_from_stats(

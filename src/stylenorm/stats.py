@@ -625,6 +625,23 @@ class _MeanVar(torch.autograd.Function):
         return grad.to(x.dtype), None
 
 
+def _check_weight_total(total: Tensor, minimum: float, name: str) -> None:
+    """Raise if a mask's total weight is at most ``minimum`` anywhere (eager mode only)."""
+    if _values_unknown(total) or total.numel() == 0:
+        return
+    if bool(total.min() <= minimum):
+        need = (
+            "a positive total weight"
+            if minimum == 0
+            else (f"a total weight greater than correction={minimum:g}")
+        )
+        raise ValueError(
+            f"{name} must have {need} for every sample"
+            + ("" if total.dim() == 1 else " and channel")
+            + f"; got a minimum total weight of {float(total.min())}"
+        )
+
+
 def _weighted_mean_var(
     x: Tensor, mask: Tensor, correction: float, name: str = "mask", empty_ok: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -640,13 +657,7 @@ def _weighted_mean_var(
             total = torch.where(empty, 1.0 + correction, total)  # finite until replaced below
         else:
             empty = None
-    if not _values_unknown(total):
-        low = total.min() if total.numel() else None
-        if low is not None and bool(low <= correction):
-            what = "sums to zero" if bool(low <= 0) else f"sums to at most correction={correction}"
-            raise ValueError(
-                f"{name} {what} for at least one (sample, channel): its statistics are undefined"
-            )
+    _check_weight_total(total, correction, name)
     mean = (xs * w).sum(dims) / total
     centered = xs - mean.reshape(mean.shape + (1,) * len(dims))
     var = (centered.square() * w).sum(dims) / (total - correction)
