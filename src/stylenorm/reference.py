@@ -65,7 +65,17 @@ def mean_var(x: Any, correction: float = 0, mask: Any = None) -> tuple[Array, Ar
     r"""Per-sample, per-channel weighted mean and variance over the spatial axes.
 
     :math:`\mu = \sum w x / W`, :math:`\sigma^2 = \sum w (x-\mu)^2 / (W - \text{correction})`,
-    :math:`W = \sum w`; :math:`w \equiv 1` without a mask. Returns two ``(N, C)`` arrays.
+    :math:`W = \sum w`; :math:`w \equiv 1` without a mask.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; mask: broadcastable to ``x``, e.g. ``(N or 1, 1, *spatial)``
+        - output: two ``(N, C)`` arrays, the mean and the variance
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
+        >>> mean, var = mean_var(x, correction=1)
+        >>> mean.shape, bool(np.allclose(var, x.var(axis=(2, 3), ddof=1)))
+        ((2, 3), True)
     """
     x = _f64(x)
     axes = _spatial_axes(x)
@@ -80,7 +90,18 @@ def mean_var(x: Any, correction: float = 0, mask: Any = None) -> tuple[Array, Ar
 def mean_std(
     x: Any, eps: float = 1e-5, correction: float = 0, mask: Any = None
 ) -> tuple[Array, Array]:
-    r"""Per-sample, per-channel mean and :math:`\sqrt{\sigma^2 + \epsilon}`; ``(N, C)`` each."""
+    r"""Per-sample, per-channel mean and :math:`\sqrt{\sigma^2 + \epsilon}` (see :func:`mean_var`).
+
+    Shape:
+        - x: ``(N, C, *spatial)``; mask: broadcastable to ``x``, e.g. ``(N or 1, 1, *spatial)``
+        - output: two ``(N, C)`` arrays, the mean and the standard deviation
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
+        >>> mean, std = mean_std(x)
+        >>> bool(np.allclose(std, np.sqrt(x.var(axis=(2, 3)) + 1e-5)))
+        True
+    """
     mean, var = mean_var(x, correction, mask)
     return mean, np.sqrt(var + eps)
 
@@ -97,6 +118,18 @@ def instance_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-
     r"""Instance normalization (Ulyanov et al. 2016), biased variance, ``eps`` inside the root.
 
     :math:`y_{ncm} = \gamma_c (x_{ncm} - \mu_{nc}) / \sqrt{\sigma^2_{nc} + \epsilon} + \beta_c`.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; weight, bias: optional ``(C,)``
+        - output: ``(N, C, *spatial)``
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
+        >>> y = instance_norm(x, weight=[1.0, 2.0, 3.0], bias=[0.0, 1.0, 2.0])
+        >>> bool(np.allclose(y.mean(axis=(2, 3)), [0.0, 1.0, 2.0]))
+        True
+        >>> y.std(axis=(2, 3)).round(3).tolist()
+        [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
     """
     x = _f64(x)
     mean, var = mean_var(x)
@@ -113,6 +146,16 @@ def instance_norm_running_stats(
     PyTorch's convention: the batch average of the per-instance mean and of the per-instance
     *unbiased* variance enters an exponential moving average,
     :math:`r \leftarrow (1 - m) r + m \cdot \operatorname{mean}_n(s_n)`.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; running_mean, running_var: ``(C,)``
+        - output: two ``(C,)`` arrays, the new running mean and running variance
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
+        >>> mean, var = instance_norm_running_stats(x, np.zeros(3), np.ones(3), momentum=0.5)
+        >>> bool(np.allclose(var, 0.5 + 0.5 * x.var(axis=(2, 3), ddof=1).mean(axis=0)))
+        True
     """
     x = _f64(x)
     mean, var = mean_var(x, correction=1)
@@ -142,6 +185,18 @@ def batch_norm(
     With ``running_mean``/``running_var`` given, normalizes with them (evaluation mode);
     otherwise with the biased statistics over ``(N, *spatial)`` of each channel (training mode):
     :math:`y = \gamma (x - \mu_c) / \sqrt{\sigma^2_c + \epsilon} + \beta`.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; weight, bias, running_mean, running_var: optional ``(C,)``
+        - output: ``(N, C, *spatial)``
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(8, 3, 4, 4))
+        >>> batch_norm(x).std(axis=(0, 2, 3)).round(3).tolist()  # training mode: batch statistics
+        [1.0, 1.0, 1.0]
+        >>> y = batch_norm(x, eps=0, running_mean=[1.0] * 3, running_var=[4.0] * 3)  # evaluation
+        >>> bool(np.allclose(y, (x - 1) / 2))
+        True
     """
     x = _f64(x)
     if running_mean is not None and running_var is not None:
@@ -161,6 +216,16 @@ def batch_norm_running_stats(
     :math:`r \leftarrow (1 - m) r + m s` with the batch mean and the *unbiased* batch variance
     over ``(N, *spatial)`` (PyTorch's convention); ``momentum=1/k`` at step ``k`` gives
     ``momentum=None``'s cumulative average.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; running_mean, running_var: ``(C,)``
+        - output: two ``(C,)`` arrays, the new running mean and running variance
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(8, 3, 4, 4))
+        >>> mean, var = batch_norm_running_stats(x, np.zeros(3), np.ones(3), momentum=0.1)
+        >>> bool(np.allclose(var, 0.9 + 0.1 * x.var(axis=(0, 2, 3), ddof=1)))
+        True
     """
     x = _f64(x)
     mean, var = _batch_mean_var(x, 1)
@@ -191,7 +256,20 @@ def conditional_instance_norm(
     x: Any, style: Any, weight: Any, bias: Any = None, eps: float = 1e-5
 ) -> Array:
     r"""Conditional instance norm: :math:`y = \gamma_s (x - \mu) / \sqrt{\sigma^2 + \epsilon} +
-    \beta_s`, the style an int, one id per sample, or mixing weights :math:`\gamma = w \Gamma`."""
+    \beta_s`, the style an int, one id per sample, or mixing weights :math:`\gamma = w \Gamma`.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; weight, bias: ``(S, C)`` for ``S`` styles (bias optional)
+        - style: an int, ``(N,)`` ints, or float mixing weights ``(S,)`` or ``(N, S)``
+        - output: ``(N, C, *spatial)``
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
+        >>> weight, bias = np.arange(1.0, 7.0).reshape(2, 3), np.zeros((2, 3))
+        >>> y = conditional_instance_norm(x, [0.5, 0.5], weight, bias)
+        >>> bool(np.allclose(y, instance_norm(x, weight.mean(axis=0))))
+        True
+    """
     x, weight = _f64(x), _f64(weight)
     bias = np.zeros_like(weight) if bias is None else _f64(bias)
     style = np.asarray(style)
@@ -222,6 +300,20 @@ def adain(
     With ``style_weights`` (N, K) or (K,), ``style`` (or ``style_mean``/``style_std``) is a list of
     K entries (``style_mask`` a list of K masks or None) and the statistics are mixed:
     :math:`\mu_s = \sum_k w_k \mu_k`, :math:`\sigma_s = \sum_k w_k \sigma_k`.
+
+    Shape:
+        - content: ``(N, C, *spatial)``; style: ``(1 or N, C, *spatial_s)``
+        - style_mean, style_std: ``(C,)`` or ``(N, C)``; alpha: a number or ``(N,)``
+        - content_mask, style_mask: broadcastable to content, style, e.g. ``(N, 1, *spatial)``
+        - output: ``(N, C, *spatial)``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, s = rng.normal(size=(2, 3, 4, 4)), rng.normal(2.0, 3.0, size=(2, 3, 8, 8))
+        >>> bool(np.allclose(adain(x, s, alpha=0.0), x))
+        True
+        >>> bool(np.allclose(mean_std(adain(x, s)), mean_std(s), rtol=1e-4))
+        True
     """
     x = _f64(content)
     if style_weights is None:
@@ -250,7 +342,22 @@ def adain_regions(
     content: Any, regions: Any, alpha: float = 1.0, eps: float = 1e-5, correction: float = 0
 ) -> Array:
     r"""Spatial control: :math:`x + \sum_r m_r (z_r - x)` with :math:`z_r` the AdaIN output of
-    region ``(style, content_mask[, style_mask])`` (statistics measured under its masks)."""
+    region ``(style, content_mask[, style_mask])`` (statistics measured under its masks).
+
+    Shape:
+        - content: ``(N, C, *spatial)``; output: ``(N, C, *spatial)``
+        - regions: ``(style, content_mask[, style_mask])`` tuples; style
+          ``(1 or N, C, *spatial_s)``, masks broadcastable to content and style, e.g.
+          ``(N, 1, *spatial)``
+
+    Example:
+        >>> x, s = np.random.default_rng(0).normal(size=(2, 1, 3, 4, 4))
+        >>> y = adain_regions(x, [(s, np.arange(4) < 2)])  # AdaIN on columns 0, 1; the rest kept
+        >>> bool(np.allclose(y[..., :2].mean(axis=(2, 3)), s.mean(axis=(2, 3))))
+        True
+        >>> np.array_equal(y[..., 2:], x[..., 2:])
+        True
+    """
     x = _f64(content)
     out = x.copy()
     for region in regions:
@@ -271,7 +378,19 @@ def adain_regions(
 
 def style_adain(x: Any, w: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Array:
     r"""StyleGAN's AdaIN (Karras et al. 2019, eq. 1): :math:`[\gamma, \beta] = w A^T + b`,
-    :math:`y = \gamma \operatorname{IN}(x) + \beta`; ``weight`` ``(2C, D)``, ``bias`` ``(2C,)``."""
+    :math:`y = \gamma \operatorname{IN}(x) + \beta`.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; w: ``(N, D)`` latents; weight: ``(2C, D)``; bias: ``(2C,)``
+        - output: ``(N, C, *spatial)``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, w, a = rng.normal(size=(2, 3, 16)), rng.normal(size=(2, 5)), rng.normal(size=(6, 5))
+        >>> y = style_adain(x, w, a, np.zeros(6))  # beta = (w A^T)[:, C:] is the output's mean
+        >>> bool(np.allclose(y.mean(axis=2), (w @ a.T)[:, 3:]))
+        True
+    """
     x = _f64(x)
     styles = _f64(w) @ _f64(weight).T + _f64(bias)
     c = x.shape[1]
@@ -320,6 +439,16 @@ def gram_matrix(x: Any, normalize: str = "chw", mask: Any = None, center: bool =
 
     ``W`` is the total position weight (``M`` without a mask); ``center`` first removes the
     weighted channel means.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; mask: ``(N or 1, 1, *spatial)``
+        - output: ``(N, C, C)``
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(2, 3, 4, 5))
+        >>> g = gram_matrix(x, "chw")
+        >>> g.shape, bool(np.allclose(g, np.einsum("nchw,ndhw->ncd", x, x) / (3 * 4 * 5)))
+        ((2, 3, 3), True)
     """
     x_arr = np.asarray(x, dtype=np.float64)
     f = _flat(x_arr)
@@ -342,7 +471,24 @@ def gram_loss(
     target_mask: Any = None,
     center: bool = False,
 ) -> Array:
-    r"""Squared error of Gram matrices, the target's broadcast over the batch when it has one."""
+    r"""Squared error of Gram matrices, the target's broadcast over the batch when it has one.
+
+    :math:`\operatorname{reduce}\big((G(x) - G(y))^2\big)` with :math:`G` :func:`gram_matrix`;
+    ``reduction`` ``"mean"`` (over N·C·C), ``"sum"``, ``"batchmean"`` (sum / N) or ``"none"``
+    (the mean over C·C per sample).
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - mask, target_mask: ``(N or 1, 1, *spatial)``, ``(1 or N, 1, *spatial_t)``
+        - output: ``()``, or ``(N,)`` for ``reduction="none"``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(1, 3, 8, 8))
+        >>> d = gram_matrix(x, "hw") - gram_matrix(y, "hw")
+        >>> float(gram_loss(x, x)), bool(np.isclose(gram_loss(x, y, "hw", "sum"), (d**2).sum()))
+        (0.0, True)
+    """
     g_x = gram_matrix(input, normalize, mask, center)
     g_y = gram_matrix(target, normalize, target_mask, center)
     return _reduce((g_x - g_y) ** 2, reduction)
@@ -360,7 +506,21 @@ def mean_std_loss(
 ) -> Array:
     r""":math:`(\mu_x - \mu_y)^2 + (\sigma_x - \sigma_y)^2` per (sample, channel), then reduced;
     :math:`\sigma = \sqrt{\mathrm{var} + \epsilon}` (``target_eps`` for the target, default
-    ``eps``)."""
+    ``eps``).
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - mask, target_mask: broadcastable to input, target, e.g. ``(N, 1, *spatial)``
+        - output: ``()``, or ``(N,)`` for ``reduction="none"``
+
+    Example:
+        >>> x, y = np.random.default_rng(0).normal(size=(2, 2, 3, 4, 4))
+        >>> (mx, sx), (my, sy) = mean_std(x), mean_std(y)
+        >>> float(mean_std_loss(x, x))
+        0.0
+        >>> bool(np.isclose(mean_std_loss(x, y), ((mx - my) ** 2 + (sx - sy) ** 2).mean()))
+        True
+    """
     target_eps = eps if target_eps is None else target_eps
     mu_x, var_x = mean_var(input, correction, mask)
     mu_y, var_y = mean_var(target, correction, target_mask)
@@ -391,6 +551,24 @@ def mmd_loss(
 ) -> Array:
     r"""Biased squared MMD per sample (Li et al. 2017) between the per-position feature vectors,
     :math:`p^\top K_{xx} p + q^\top K_{yy} q - 2 p^\top K_{xy} q` with :math:`p = w / \sum w`.
+
+    Kernels: ``"linear"`` :math:`a^\top b`, ``"polynomial"`` :math:`(a^\top b + c)^d`, otherwise
+    Gaussian :math:`\exp(-\lVert a - b \rVert^2 / 2\sigma^2)`.
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - mask, target_mask: ``(N or 1, 1, *spatial)``, ``(1 or N, 1, *spatial_t)``
+        - output: ``()``, or ``(N,)`` for ``reduction="none"``
+
+    Example:
+        With the default kernel :math:`(a^\top b)^2` the MMD is the squared Frobenius distance of
+        the ``"hw"`` Gram matrices (Li et al.'s identity):
+
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 3, 4, 4))
+        >>> mmd = mmd_loss(x, y, reduction="none")
+        >>> bool(np.allclose(mmd, 3**2 * gram_loss(x, y, "hw", reduction="none")))
+        True
     """
     x_arr, y_arr = _f64(input), _f64(target)
     fx, fy = _flat(x_arr), _flat(y_arr)
@@ -420,7 +598,18 @@ def gatys2015_style_loss(input: Any, target: Any) -> Array:
     (the paper has one image). The paper's input and style image have the same size; where they
     differ, each Gram is divided by its own number of positions,
     :math:`\frac{1}{4 N_l^2} \sum_{ij} (G_{ij} / M_x - A_{ij} / M_y)^2` (otherwise the Grams'
-    scales differ by the ratio of the sizes)."""
+    scales differ by the ratio of the sizes).
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - output: ``()``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(1.0, 2.0, size=(1, 3, 8, 8))
+        >>> bool(np.isclose(gatys2015_style_loss(x, y), gram_loss(x, y, "hw") / 4))
+        True
+    """
     fx, fy = _flat(input), _flat(target)
     channels = fx.shape[1]
     losses = []
@@ -433,7 +622,18 @@ def gatys2015_style_loss(input: Any, target: Any) -> Array:
 
 def pytorch_examples_style_loss(input: Any, target: Any) -> Array:
     r"""pytorch/examples fast_neural_style: ``gram = F F^T / (C H W)`` per sample, then
-    ``mse_loss`` (mean over N·C·C) against the style Gram repeated over the batch."""
+    ``mse_loss`` (mean over N·C·C) against the style Gram repeated over the batch.
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - output: ``()``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(1.0, 2.0, size=(1, 3, 8, 8))
+        >>> bool(np.isclose(pytorch_examples_style_loss(x, y), gram_loss(x, y, "chw")))
+        True
+    """
     fx, fy = _flat(input), _flat(target)
     g_x = fx @ fx.transpose(0, 2, 1) / (fx.shape[1] * fx.shape[2])
     g_y = fy @ fy.transpose(0, 2, 1) / (fy.shape[1] * fy.shape[2])
@@ -442,7 +642,18 @@ def pytorch_examples_style_loss(input: Any, target: Any) -> Array:
 
 def magenta_style_loss(input: Any, target: Any) -> Array:
     r"""Magenta image_stylization ``learning.py``: ``gram = F^T F / (H W)``, then the mean of the
-    squared difference over ``[1, 2]`` (C·C, per sample), then the mean over the batch."""
+    squared difference over ``[1, 2]`` (C·C, per sample), then the mean over the batch.
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - output: ``()``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(1.0, 2.0, size=(1, 3, 8, 8))
+        >>> bool(np.isclose(magenta_style_loss(x, y), gram_loss(x, y, "hw")))
+        True
+    """
     fx, fy = _flat(input), _flat(target)
     g_x = np.einsum("ncm,ndm->ncd", fx, fx) / fx.shape[2]
     g_y = np.einsum("ncm,ndm->ncd", fy, fy) / fy.shape[2]
@@ -452,7 +663,18 @@ def magenta_style_loss(input: Any, target: Any) -> Array:
 
 def pystiche_gram_loss(input: Any, target: Any, score_weight: float = 1.0) -> Array:
     r"""pystiche ``GramLoss`` defaults: ``gram_matrix(x, normalize=True)`` divides ``F F^T`` by
-    the number of positions; ``mse_loss`` (mean) times ``score_weight`` (1)."""
+    the number of positions; ``mse_loss`` (mean) times ``score_weight`` (1).
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - output: ``()``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(1.0, 2.0, size=(1, 3, 8, 8))
+        >>> bool(np.isclose(pystiche_gram_loss(x, y, 2.0), 2 * gram_loss(x, y, "hw")))
+        True
+    """
     fx, fy = _flat(input), _flat(target)
     g_x = np.matmul(fx, fx.transpose(0, 2, 1)) / fx.shape[-1]
     g_y = np.matmul(fy, fy.transpose(0, 2, 1)) / fy.shape[-1]
@@ -463,7 +685,19 @@ def adain_lua_style_loss(input: Any, target: Any) -> Array:
     r"""xunhuang1995/AdaIN-style ``lib/StyleINLossModule.lua`` as trained (on CUDA): input std
     ``nn.Sqrt(1e-6)`` of the biased variance, i.e. :math:`\sqrt{\mathrm{var} + 10^{-6}}`; style
     std ``torch.std(y, 3, true)`` (biased, no eps); ``MSECriterion`` with ``sizeAverage=false``
-    (a sum over N·C) for the means and for the stds, each divided by N."""
+    (a sum over N·C) for the means and for the stds, each divided by N.
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - output: ``()``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(1.0, 2.0, size=(1, 3, 8, 8))
+        >>> lua = mean_std_loss(x, y, eps=1e-6, target_eps=0, reduction="batchmean")
+        >>> bool(np.isclose(adain_lua_style_loss(x, y), lua))
+        True
+    """
     fx, fy = _flat(input), _flat(target)
     mu_x, mu_y = fx.mean(axis=2), fy.mean(axis=2)
     std_x = np.sqrt(((fx - mu_x[:, :, None]) ** 2).mean(axis=2) + 1e-6)
@@ -476,7 +710,18 @@ def adain_lua_style_loss(input: Any, target: Any) -> Array:
 
 def adain_pytorch_style_loss(input: Any, target: Any) -> Array:
     r"""naoto0804/pytorch-AdaIN ``calc_mean_std``: ``sqrt(var(dim=2) + 1e-5)`` with torch's default
-    unbiased variance, on both sides; ``MSELoss()`` (mean over N·C) of means plus of stds."""
+    unbiased variance, on both sides; ``MSELoss()`` (mean over N·C) of means plus of stds.
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - output: ``()``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(1.0, 2.0, size=(1, 3, 8, 8))
+        >>> bool(np.isclose(adain_pytorch_style_loss(x, y), mean_std_loss(x, y, correction=1)))
+        True
+    """
     fx, fy = _flat(input), _flat(target)
     std_x = np.sqrt(fx.var(axis=2, ddof=1) + 1e-5)
     std_y = np.sqrt(fy.var(axis=2, ddof=1) + 1e-5)
@@ -488,7 +733,18 @@ def adain_pytorch_style_loss(input: Any, target: Any) -> Array:
 def li2017_bn_style_loss(input: Any, target: Any) -> Array:
     r"""Li et al. 2017 (Demystifying NST), BN-statistics loss:
     :math:`\frac{1}{N_l}\sum_i (\mu^i_x - \mu^i_y)^2 + (\sigma^i_x - \sigma^i_y)^2` over the
-    :math:`N_l` channels, biased :math:`\sigma`, no eps; averaged over the batch."""
+    :math:`N_l` channels, biased :math:`\sigma`, no eps; averaged over the batch.
+
+    Shape:
+        - input: ``(N, C, *spatial)``; target: ``(1 or N, C, *spatial_t)``
+        - output: ``()``
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 3, 4, 4)), rng.normal(1.0, 2.0, size=(1, 3, 8, 8))
+        >>> bool(np.isclose(li2017_bn_style_loss(x, y), mean_std_loss(x, y, eps=0)))
+        True
+    """
     fx, fy = _flat(input), _flat(target)
     per_sample = []
     for n in range(fx.shape[0]):
