@@ -80,7 +80,15 @@ class _ConditionalInstanceNorm(nn.Module):
         return int(self.weight.shape[0])
 
     def reset_parameters(self) -> None:
-        """Every style starts as the identity affine map: :math:`\\gamma = 1, \\beta = 0`."""
+        """Every style starts as the identity affine map: :math:`\\gamma = 1, \\beta = 0`.
+
+        Example:
+            >>> norm = ConditionalInstanceNorm2d(3, num_styles=2)
+            >>> _ = norm.weight.data.mul_(5.0)
+            >>> norm.reset_parameters()
+            >>> bool((norm.weight == 1).all()), bool((norm.bias == 0).all())
+            (True, True)
+        """
         nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -127,6 +135,12 @@ class _ConditionalInstanceNorm(nn.Module):
 
         Rows of styles absent from a batch get an exactly zero gradient; plain SGD or Adam
         (without weight decay) leaves them unchanged. Weight decay would shrink every row.
+
+        Example:
+            >>> norm = ConditionalInstanceNorm2d(3, num_styles=4)
+            >>> optimizer = torch.optim.Adam(norm.style_parameters(), lr=1e-3)
+            >>> [tuple(p.shape) for p in norm.style_parameters()]
+            [(4, 3), (4, 3)]
         """
         yield self.weight
         if self.bias is not None:
@@ -469,7 +483,14 @@ class StyleAdaIN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Linear's default weight; bias 1 for :math:`\\gamma`, 0 for :math:`\\beta`."""
+        """Linear's default weight; bias 1 for :math:`\\gamma`, 0 for :math:`\\beta`.
+
+        Example:
+            >>> layer = StyleAdaIN(style_dim=8, num_features=3)
+            >>> layer.reset_parameters()
+            >>> layer.affine.bias.tolist()
+            [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+        """
         self.affine.reset_parameters()
         with torch.no_grad():
             self.affine.bias[: self.num_features].fill_(1.0)
