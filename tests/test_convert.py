@@ -307,6 +307,27 @@ def test_failed_conversion_leaves_the_model_as_it_was():
     torch.testing.assert_close(net(x), children[1](children[0](x)))
 
 
+@pytest.mark.parametrize("convert", [to_stylenorm, stylenorm.to_conditional])
+def test_conversions_fire_module_registration_hooks(convert):
+    """Replaced children are registered as torch's own conversions register them (add_module),
+    so global module-registration hooks see each one, under the slot's name."""
+    seen: list[tuple[str, str]] = []
+
+    def hook(parent: nn.Module, name: str, child: nn.Module) -> None:
+        seen.append((name, type(child).__name__))
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.InstanceNorm2d(3, affine=True)))
+    args = (2,) if convert is stylenorm.to_conditional else ()
+    handle = nn.modules.module.register_module_module_registration_hook(hook)
+    try:
+        converted = convert(model, *args)
+    finally:
+        handle.remove()
+    new = converted[1][0]
+    assert type(new).__module__.startswith("stylenorm")
+    assert ("0", type(new).__name__) in seen
+
+
 def test_conversions_name_a_non_module():
     for fn in (to_stylenorm, to_torch, stylenorm.style_parameters):
         with pytest.raises(TypeError, match=r"model must be an nn\.Module, got str"):

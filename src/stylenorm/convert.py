@@ -156,7 +156,7 @@ def _convert_children(
         new = memo[id(child)]
         if new is not child:
             undo.append((module, name, child))
-            module._modules[name] = new
+            module.add_module(name, new)  # as torch's own conversions do: its hooks fire
 
 
 def _converted(model: nn.Module, convert: Callable[..., nn.Module]) -> nn.Module:
