@@ -479,6 +479,80 @@ def test_mixed_dtypes_match_torch():
     assert _outcome(lambda: ours(x))[0] is _outcome(lambda: theirs(x))[0] is RuntimeError
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_input_torch_rejects_leaves_the_state_alone(name: str, training: bool, affine: bool):
+    """Integer input, and float64 input into a float32 module with affine parameters: torch's
+    error, raised before any running statistic moves (an instance norm used to update them
+    from the input first, then fail in its kernel with another error)."""
+    theirs, ours = _pair(name, 3, affine=affine, track_running_stats=True)
+    theirs.train(training)
+    ours.train(training)
+    shape = (4, 3) + SPATIAL[name[-2:]]
+    inputs = [torch.randint(-3, 3, shape)]
+    if affine:
+        inputs.append(torch.randn(shape, dtype=torch.float64))
+    for x in inputs:
+        expected = _outcome(lambda: theirs(x))  # noqa: B023 (called at once)
+        assert expected[0] != "ok"
+        assert _outcome(lambda: ours(x)) == expected  # noqa: B023
+        _compare_state(theirs, ours, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_input_without_channels_matches_torch(name: str, training: bool, dtype: torch.dtype):
+    """(N, 0, *spatial) input into a module of 3 channels: torch's result or torch's error, and
+    the state as torch leaves it (half BatchNorm used to fail in its float32 running update)."""
+    theirs, ours = _pair(name, 3, track_running_stats=True)
+    theirs.train(training)
+    ours.train(training)
+    x = torch.randn((2, 0) + SPATIAL[name[-2:]], dtype=dtype)
+    assert _outcome(lambda: ours(x)) == _outcome(lambda: theirs(x))
+    # An empty input is not a step (README): torch counts one, the buffers stay as they were.
+    _compare_state(theirs, ours, 0.0, skip=("num_batches_tracked",))
+    if name.startswith("BatchNorm"):
+        assert int(ours.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "expanded"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_evaluation_parameter_gradients_on_any_layout(layout: str, dtype: torch.dtype):
+    """Evaluation with running statistics, half input not contiguous: the weight and bias
+    gradients are summed as accurately as torch.nn's (torch's batch-norm backward on such a
+    layout sums them in half precision: a bias gradient 1.7e-3 off, relative, in bfloat16)."""
+    theirs, ours = _pair("InstanceNorm2d", 16, affine=True, track_running_stats=True)
+    theirs.eval()
+    ours.eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 32, 32, generator=generator).to(dtype)
+    x = {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "transposed": x.transpose(-1, -2),
+        "expanded": x[:1].expand(8, -1, -1, -1),
+    }[layout]
+    g = torch.randn(8, 16, 32, 32, generator=generator).to(dtype)
+    out = ours(x)
+    out.backward(g)
+    theirs(x).backward(g)
+    assert out.is_contiguous(memory_format=_keeps_layout(x))
+    x64, g64 = x.double(), g.double()
+    rstd = (theirs.running_var.double() + theirs.eps).rsqrt().view(1, -1, 1, 1)
+    xhat = (x64 - theirs.running_mean.double().view(1, -1, 1, 1)) * rstd
+    exact = {"bias": g64.sum((0, 2, 3)), "weight": (g64 * xhat).sum((0, 2, 3))}
+    for name, value in exact.items():
+        ours_error = (getattr(ours, name).grad.double() - value).abs().max()
+        torch_error = (getattr(theirs, name).grad.double() - value).abs().max()
+        assert ours_error <= 2 * torch_error + 1e-6 * value.abs().max(), name
+
+
+def _keeps_layout(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 # ------------------------------------------------------------------------------------------------
 # torch's quirks, kept
 
