@@ -353,6 +353,29 @@ def test_style_adain_gradients_and_errors() -> None:
         m(torch.randn(2, 4, 3, 3, dtype=F64), w)
     with pytest.raises(TypeError, match=r"input must be a torch\.Tensor"):
         m(x.detach().numpy(), w)  # type: ignore[arg-type]
+    # A code of another dtype is named (nn.Linear's own error does not say which argument).
+    for dtype in (torch.float32, torch.int64):
+        with pytest.raises(TypeError, match=r"style must be a floating-point tensor of the layer"):
+            m(x, w.detach().to(dtype))
     # One code for the whole batch: as that code repeated.
     one = w[:1].detach()
     torch.testing.assert_close(m(x, one), m(x, one.expand(2, 4)))
+
+
+def test_style_adain_code_under_autocast() -> None:
+    """Under autocast the linear map casts the code itself: a float32 code for a bfloat16 layer
+    is fine there."""
+    m = StyleAdaIN(4, 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, 3, 5, 5), torch.randn(2, 4))
+    assert out.shape == (2, 3, 5, 5) and bool(torch.isfinite(out).all())
+
+
+def test_style_adain_constructor_checks_sizes() -> None:
+    with pytest.raises(TypeError, match="style_dim must be an int, got bool"):
+        StyleAdaIN(True, 3)  # type: ignore[arg-type]
+    for num_features in (0, -1):
+        with pytest.raises(ValueError, match=f"num_features must be positive.*={num_features}"):
+            StyleAdaIN(8, num_features)
+    m = StyleAdaIN(np.int64(8), np.int16(3))  # type: ignore[arg-type]
+    assert (m.style_dim, m.num_features) == (8, 3) and type(m.style_dim) is int

@@ -55,15 +55,7 @@ class _ConditionalInstanceNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_features", num_features), ("num_styles", num_styles)):
-            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        num_features, num_styles = operator.index(num_features), operator.index(num_styles)
-        if num_features <= 0 or num_styles <= 0:
-            raise ValueError(
-                f"num_features and num_styles must be positive, got num_features={num_features} "
-                f"and num_styles={num_styles}"
-            )
+        num_features, num_styles = _positive_sizes(num_features=num_features, num_styles=num_styles)
         self.num_features = num_features
         self.eps = stats._check_eps(eps)
         factory = {"device": device, "dtype": dtype}
@@ -476,8 +468,9 @@ class StyleAdaIN(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.style_dim = style_dim
-        self.num_features = num_features
+        self.style_dim, self.num_features = _positive_sizes(
+            style_dim=style_dim, num_features=num_features
+        )
         self.eps = stats._check_eps(eps)
         self.affine = nn.Linear(style_dim, 2 * num_features, device=device, dtype=dtype)
         self.reset_parameters()
@@ -508,6 +501,14 @@ class StyleAdaIN(nn.Module):
             )
         if not isinstance(style, Tensor):
             raise TypeError(f"style must be a torch.Tensor, got {type(style).__name__}")
+        dtype = self.affine.weight.dtype
+        if not style.is_floating_point() or (
+            style.dtype != dtype and not torch.is_autocast_enabled(style.device.type)
+        ):
+            raise TypeError(
+                f"style must be a floating-point tensor of the layer's dtype ({dtype}), got "
+                f"{style.dtype}"
+            )
         if style.dim() != 2 or style.shape[1] != self.style_dim:
             raise ValueError(
                 f"style must be a style code of shape (N, style_dim) = (N, {self.style_dim}), "
@@ -599,6 +600,19 @@ class StyleSequential(nn.Sequential):
 
     def __rmul__(self, other: int) -> StyleSequential:
         return self.__mul__(other)
+
+
+def _positive_sizes(**sizes: object) -> tuple[int, ...]:
+    """The sizes given by name as ints (numpy integers too), each a positive integer; a
+    ``TypeError`` or ``ValueError`` naming them otherwise."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    values = tuple(operator.index(value) for value in sizes.values())  # type: ignore[arg-type]
+    if min(values) <= 0:
+        got = " and ".join(f"{name}={value}" for name, value in zip(sizes, values, strict=True))
+        raise ValueError(f"{' and '.join(sizes)} must be positive, got {got}")
+    return values
 
 
 def _takes_style(module: nn.Module) -> bool:
