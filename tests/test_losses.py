@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import io
+import math
+import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -342,8 +347,8 @@ def test_style_loss_mask_errors() -> None:
         StyleLoss(list(targets.values()), target_masks=[None])
     with pytest.raises(TypeError, match=r"target_masks\['0'\] must be a tensor or None, got float"):
         StyleLoss(list(targets.values()), target_masks=[1.0, None, None])  # type: ignore[list-item]
-    # A mask of another layer's size: the layer's own error, naming the argument.
-    with pytest.raises(ValueError, match="target_mask"):
+    # A mask of another layer's size: the layer's own error, naming the layer and the argument.
+    with pytest.raises(ValueError, match=r"layer 'relu2_1': target_mask must broadcast"):
         StyleLoss(targets, target_masks={"relu2_1": torch.ones(1, 1, 8, 8)})
     loss_fn = StyleLoss(targets)
     with pytest.raises(ValueError, match=r"masks has layers \['conv'\] that targets lack"):
@@ -364,6 +369,30 @@ def test_style_loss_with_convention_applies_its_scale() -> None:
     torch.testing.assert_close(StyleLoss(targets, weights=WEIGHTS, loss=gatys)(inputs), expected)
 
 
+def test_conventions_are_read_only_and_copy() -> None:
+    """A preset's options cannot be changed by accident (every later loss would change), and a
+    StyleLoss holding a convention still deep-copies, pickles and saves."""
+    preset = get_convention("pytorch_examples")
+    with pytest.raises(TypeError, match="read-only"):
+        preset.options["normalize"] = "none"  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        preset.options.update(normalize="none")  # type: ignore[attr-defined]
+    assert preset.options["normalize"] == "chw"
+    options = {"normalize": "hw"}
+    mine = StyleConvention("mine", "gram", options)
+    options["normalize"] = "none"  # the caller's dict is copied
+    assert mine.options == {"normalize": "hw"}
+    assert dataclasses.asdict(mine)["options"] == {"normalize": "hw"}
+    assert copy.deepcopy(mine) == mine == pickle.loads(pickle.dumps(mine))
+    targets, inputs = _layers(1, 0), _layers(2, 10)
+    loss_fn = StyleLoss(targets, loss="gatys2015")
+    buffer = io.BytesIO()
+    torch.save(loss_fn, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(loss_fn), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(copied(inputs), loss_fn(inputs))
+
+
 def test_style_loss_state_dict_and_to() -> None:
     targets = _layers(1, 0)
     assert StyleLoss(targets).state_dict() == {}
@@ -379,6 +408,16 @@ def test_style_loss_errors() -> None:
         StyleLoss(targets, weights={"relu1_1": 1.0})
     with pytest.raises(ValueError, match=r"weights must have one entry per layer \(3\); got 2"):
         StyleLoss(list(targets.values()), weights=[1.0, 2.0])
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"weights\['relu2_1'\] must be finite"):
+            StyleLoss(targets, weights={**WEIGHTS, "relu2_1": bad})
+    with pytest.raises(TypeError, match=r"weights\['0'\] must be a number, got 'a'"):
+        StyleLoss(list(targets.values()), weights="abc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"weights\['1'\] must be a number, got True"):
+        StyleLoss(list(targets.values()), weights=[1.0, True, 2.0])
+    # Numbers of other types (numpy's, 0-d tensors) are numbers.
+    mixed = StyleLoss(list(targets.values()), weights=[np.float32(0.5), torch.tensor(2.0), 1])
+    assert list(mixed.layer_weights.values()) == [0.5, 2.0, 1.0]
     with pytest.raises(ValueError, match="loss must be one of gram, mean_std, mmd, gatys2015"):
         StyleLoss(targets, loss="gramm")
     with pytest.raises(TypeError, match="cannot be combined with a convention"):

@@ -124,6 +124,24 @@ def test_large_mean_does_not_cancel(offset: float, layout: str):
     torch.testing.assert_close(mean, torch_mean, rtol=2e-7, atol=0.0)
 
 
+@pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
+def test_masked_statistics_at_large_means(offset: float):
+    """Weighted statistics are refined like the unmasked ones: with a mask of ones they are as
+    close to float64 as without (they had 1e3x the variance error at |mean| / std = 1e5), and a
+    soft mask's stay as close to the reference's."""
+    gen = torch.Generator().manual_seed(0)
+    x = (offset + 0.1 * torch.randn(2, 8, 64, 64, generator=gen, dtype=torch.float64)).float()
+    soft = torch.rand(2, 1, 64, 64, generator=gen)
+    _, plain_var = stats.mean_var(x)
+    exact_var = reference.mean_var(_np(x))[1]
+    plain_error = np.abs(_np(plain_var) / exact_var - 1).max()
+    for mask in (torch.ones(1, 1, 64, 64), soft):
+        mean, var = stats.mean_var(x, mask=mask)
+        ref_mean, ref_var = reference.mean_var(_np(x), mask=_np(mask))
+        assert np.abs(_np(var) / ref_var - 1).max() <= max(2 * plain_error, 3e-7)
+        np.testing.assert_allclose(_np(mean), ref_mean, rtol=2e-7)
+
+
 def test_refined_large_mean_statistics_gradients_and_vmap():
     """The refined path (|mean| / std above the group-norm bound): gradients to second order,
     and vmap (which keeps the one-pass numbers) against a loop."""

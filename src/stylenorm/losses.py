@@ -27,10 +27,11 @@ name                          loss of one layer
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -315,6 +316,19 @@ class MMDLoss(_CachedTargetLoss):
 # --------------------------------------------------------------------------------------------
 
 
+class _ReadOnlyOptions(dict[str, Any]):
+    """A dict that refuses changes (a convention's options) and still copies and pickles."""
+
+    def _read_only(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a convention's options are read-only: build a new StyleConvention")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only  # type: ignore[assignment]
+    update = pop = popitem = setdefault = clear = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[type[_ReadOnlyOptions], tuple[dict[str, Any]]]:
+        return _ReadOnlyOptions, (dict(self),)
+
+
 @dataclass(frozen=True)
 class StyleConvention:
     r"""The exact style loss of one published implementation, as options of a stylenorm loss.
@@ -350,6 +364,8 @@ class StyleConvention:
     def __post_init__(self) -> None:
         if self.loss not in ("gram", "mean_std"):
             raise ValueError(f"loss must be 'gram' or 'mean_std', got {self.loss!r}")
+        # A read-only copy: a preset changed by accident would change every later loss.
+        object.__setattr__(self, "options", _ReadOnlyOptions(self.options))
 
     def __call__(self, input: Tensor, target: Tensor) -> Tensor:
         if self.loss == "gram":
@@ -474,6 +490,17 @@ def _by_string_keys(mapping: Mapping[Any, Tensor], argument: str) -> dict[str, T
     return keyed
 
 
+_T = TypeVar("_T")
+
+
+def _in_layer(name: str, fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)``, its argument errors prefixed with the layer they concern."""
+    try:
+        return fn(*args)
+    except (ValueError, TypeError, IndexError) as error:
+        raise type(error)(f"layer {name!r}: {error}") from error
+
+
 class StyleLoss(nn.Module):
     r"""Weighted sum of per-layer style losses against fixed targets.
 
@@ -551,14 +578,15 @@ class StyleLoss(nn.Module):
         names = [k for k, _ in items]
         self.layer_weights = self._check_weights(weights, names)
         masks = self._per_layer(target_masks, "target_masks", names)
+        make: Callable[[Tensor, Tensor | None], nn.Module]
         if isinstance(loss, str) and loss in _LAYER_LOSSES:
             self.convention: StyleConvention | None = None
             self.scale = 1.0
-            layer = _LAYER_LOSSES[loss]
-            modules: dict[str, nn.Module] = {
-                k: layer(t, target_mask=masks[k], persistent=persistent, **options)
-                for k, t in items
-            }
+            layer: type[nn.Module] = _LAYER_LOSSES[loss]
+
+            def make(target: Tensor, mask: Tensor | None) -> nn.Module:
+                return layer(target, target_mask=mask, persistent=persistent, **options)
+
         else:
             if not isinstance(loss, StyleConvention) and (
                 not isinstance(loss, str) or loss not in CONVENTIONS
@@ -572,13 +600,13 @@ class StyleLoss(nn.Module):
                     f"options {sorted(options)} cannot be combined with a convention; "
                     "a convention fixes every option"
                 )
-            self.convention = get_convention(loss)
-            self.scale = self.convention.scale
-            modules = {
-                k: self.convention.module(t, target_mask=masks[k], persistent=persistent)
-                for k, t in items
-            }
-        self.layers = nn.ModuleDict(modules)
+            convention = self.convention = get_convention(loss)
+            self.scale = convention.scale
+
+            def make(target: Tensor, mask: Tensor | None) -> nn.Module:
+                return convention.module(target, target_mask=mask, persistent=persistent)
+
+        self.layers = nn.ModuleDict({k: _in_layer(k, make, t, masks[k]) for k, t in items})
 
     def _per_layer(
         self,
@@ -628,13 +656,26 @@ class StyleLoss(nn.Module):
                 raise ValueError(
                     f"weights must have the keys of targets {names}; got {sorted(keys)}"
                 )
-            return {str(k): float(v) for k, v in weights.items()}
-        values = list(weights)
-        if len(values) != len(names):
-            raise ValueError(
-                f"weights must have one entry per layer ({len(names)}); got {len(values)}"
-            )
-        return {k: float(v) for k, v in zip(names, values, strict=True)}
+            given = {str(k): v for k, v in weights.items()}
+        else:
+            values = list(weights)
+            if len(values) != len(names):
+                raise ValueError(
+                    f"weights must have one entry per layer ({len(names)}); got {len(values)}"
+                )
+            given = dict(zip(names, values, strict=True))
+        checked = {}
+        for name, value in given.items():
+            try:
+                number = None if isinstance(value, (bool, str)) else float(value)
+            except (TypeError, ValueError, RuntimeError):  # (a tensor of more than one value)
+                number = None
+            if number is None:
+                raise TypeError(f"weights[{name!r}] must be a number, got {value!r}")
+            if not math.isfinite(number):
+                raise ValueError(f"weights[{name!r}] must be finite, got {number}")
+            checked[name] = number
+        return checked
 
     def forward(
         self,
@@ -664,10 +705,7 @@ class StyleLoss(nn.Module):
         layer_masks = self._per_layer(masks, "masks", list(self.layers))
         total: Tensor | None = None
         for name, layer in self.layers.items():
-            try:
-                term = layer(features[name], layer_masks[name])
-            except (ValueError, TypeError, IndexError) as error:  # which layer's input or mask
-                raise type(error)(f"layer {name!r}: {error}") from error
+            term = _in_layer(name, layer, features[name], layer_masks[name])
             term = term * (self.layer_weights[name] * self.scale)
             total = term if total is None else total + term
         assert total is not None

@@ -658,9 +658,16 @@ def _weighted_mean_var(
         else:
             empty = None
     _check_weight_total(total, correction, name)
+    # The corrected two-pass algorithm, weighted: the first mean is a few units in the last place
+    # off, which the deviations' weighted sum (zero in exact arithmetic) corrects; without it
+    # the variance had 1e3x the unmasked path's error at |mean| / std = 1e5.
     mean = (xs * w).sum(dims) / total
     centered = xs - mean.reshape(mean.shape + (1,) * len(dims))
-    var = (centered.square() * w).sum(dims) / (total - correction)
+    weighted = centered * w
+    shift = weighted.sum(dims) / total
+    spread = ((weighted * centered).sum(dims) - total * shift.square()).clamp_min(0.0)
+    var = spread / (total - correction)
+    mean = mean + shift
     if empty is not None:
         # The unmasked statistics there: the caller multiplies by the (zero) mask, so they do not
         # change its output, and they keep the mask's gradient what it would be for the whole map
