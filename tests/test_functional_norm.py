@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
+from torch.utils.checkpoint import checkpoint
 
+import stylenorm
 from stylenorm import functional, reference, stats
 
 
@@ -556,6 +559,51 @@ def test_batch_norm_fast_path_as_precise_as_torch_nn_at_large_mean(offset: float
         scale = float(r.abs().max())
         our_error, their_error = float((o - r).abs().max()), float((t - r).abs().max())
         assert our_error <= 1.3 * their_error + 1e-7 * scale, (name, our_error, their_error)
+
+
+def test_batch_norm_fast_path_size_under_forward_mode_and_transforms():
+    """At the fast path's size, forward-mode derivatives (jvp, forward AD, a tangent on the
+    weight alone) and torch.func transforms run torch's differentiable kernel: torch.nn's
+    results, where the fast path's Function (no jvp rule) raised NotImplementedError."""
+    gen = torch.Generator().manual_seed(31)
+    x, tangent = (torch.randn(8, 16, 64, 64, generator=gen, dtype=torch.float64) for _ in "xt")
+    weight, bias = _affine(16, 32)
+    assert functional._batch_norm_fast_path(x, None, None, weight, bias)
+
+    def ours(t: torch.Tensor, w: torch.Tensor = weight) -> torch.Tensor:
+        return functional.batch_norm(t, None, None, w, bias, True)
+
+    def theirs(t: torch.Tensor, w: torch.Tensor = weight) -> torch.Tensor:
+        return F.batch_norm(t, None, None, w, bias, True)
+
+    close = {"rtol": 1e-9, "atol": 1e-9}
+    for fn in (
+        lambda f: torch.func.jvp(f, (x,), (tangent,)),
+        lambda f: torch.func.jvp(lambda w: f(x, w), (weight,), (weight.flip(0),)),
+        lambda f: torch.func.grad(lambda t: f(t).pow(3).sum())(x),
+    ):
+        torch.testing.assert_close(fn(ours), fn(theirs), **close)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        got = torch.autograd.forward_ad.unpack_dual(ours(dual)).tangent
+        expected = torch.autograd.forward_ad.unpack_dual(theirs(dual)).tangent
+    torch.testing.assert_close(got, expected, **close)
+
+
+@pytest.mark.parametrize("size", [(2, 3, 4, 4), (8, 64, 32, 32)], ids=["small", "fast-path"])
+def test_batch_norm_under_non_reentrant_checkpoint_matches_torch(size: tuple[int, ...]):
+    """torch.utils.checkpoint (non-reentrant) runs a BatchNorm's forward again in backward; as
+    with torch.nn, the running statistics take both updates, and the step count both steps (the
+    fast path's update came after its saved tensors, where the recomputation stops early)."""
+    gen = torch.Generator().manual_seed(33)
+    x = 3.0 + torch.randn(size, generator=gen)
+    theirs, ours = nn.BatchNorm2d(size[1]), stylenorm.BatchNorm2d(size[1])
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        checkpoint(module, leaf, use_reentrant=False).square().sum().backward()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name))
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("offset", [0.0, 100.0, -3e3])

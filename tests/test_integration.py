@@ -299,6 +299,7 @@ def test_compile_style_layers(compiler):
     assert counter.frame_count == 1
 
 
+@_ignore_jit_deprecation
 @pytest.mark.parametrize("bad", [-1, 3])
 def test_compiled_cin_rejects_out_of_range_ids(compiler, bad: int):
     """A compiled graph cannot read the ids to range-check them; a negative id must still fail
@@ -326,6 +327,30 @@ def test_compile_losses(compiler):
     sum(actual).backward()
     _close((xc.grad, yc.grad), (xe.grad, ye.grad), 1e-4)
     assert counter.frame_count == 1
+
+
+@_ignore_jit_deprecation
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda x, y: stylenorm.functional.gram_loss(x, y),
+        lambda x, y: stylenorm.functional.mean_std_loss(x, y),
+        lambda x, y: stylenorm.functional.mmd_loss(x, y),
+        lambda x, y: stylenorm.functional.mmd_loss(x, y, kernel="gaussian"),
+    ],
+    ids=["gram", "mean_std", "mmd", "mmd-gaussian"],
+)
+def test_compile_loss_functions_with_dynamic_shapes(loss: Callable[[Tensor, Tensor], Tensor]):
+    """fullgraph=True with dynamic=True, where dynamo makes the float defaults symbolic: the
+    option checks trace (math.isfinite of a symbolic offset broke the graph), two sizes give
+    the eager values."""
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=_backend())
+    for size in (8, 12):
+        g = torch.Generator().manual_seed(size)
+        x, y = (torch.randn(2, 16, size, size, generator=g) for _ in "xy")
+        _close(compiled(x, y), loss(x, y))
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -781,6 +806,7 @@ def test_vmap_over_parameters_with_large_channels_last_input():
     _close(torch.func.vmap(normalize)(weights), torch.stack([normalize(w) for w in weights]))
 
 
+@_ignore_jit_deprecation
 def test_compile_large_channels_last(compiler):
     """Statistics and instance norm of a channels_last input that eager mode reduces blockwise
     (uneven blocks) compile to one graph and give the eager values and gradients."""
@@ -813,6 +839,7 @@ def _norm_by_formula(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5)
     return (x - mean) / torch.sqrt(var + eps) * scale[..., None, None] + shift[..., None, None]
 
 
+@_ignore_jit_deprecation
 @pytest.mark.parametrize("layer", ["InstanceNorm2d", "ConditionalInstanceNorm2d", "AdaIN"])
 def test_compile_channels_last_with_gradient_is_precise_at_large_means(layer: str):
     """Compiled with a gradient, channels_last instance norm, CIN and AdaIN are traced as the
@@ -911,6 +938,7 @@ def test_compile_channels_last_traces_the_formula_only_with_a_gradient(
         torch._dynamo.reset()
 
 
+@_ignore_jit_deprecation
 def test_compile_channels_last_with_gradient_keeps_running_stats_and_errors(compiler):
     """Compiled channels_last InstanceNorm with a gradient and running statistics: the same
     output, gradients and running statistics as eager; parameters of another dtype take the

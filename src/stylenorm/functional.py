@@ -792,32 +792,41 @@ class _BatchNormTrain(torch.autograd.Function):
     r"""Training batch norm of a contiguous float32/float64 CPU input from stylenorm's statistics.
 
     torch's CPU training kernel for contiguous input reduces each channel over its N strided
-    runs and takes several times longer than its evaluation kernel. Here the statistics come from
-    :func:`stylenorm.stats._batch_mean_var_contiguous` (stable two-pass rows, merged exactly),
-    the output from torch's fused evaluation kernel with them, and the gradient from torch's own
-    training backward, given the same mean and :math:`1/\sqrt{\sigma^2+\epsilon}`: torch's
-    numbers to float32 rounding. Returns ``(y, mean, var)``; the statistics carry no gradient.
+    runs and takes several times longer than its evaluation kernel. Here the statistics, given
+    (from :func:`stylenorm.stats._batch_mean_var_contiguous`: stable two-pass rows, merged
+    exactly), set the output through torch's fused evaluation kernel, and the gradient comes
+    from torch's own training backward, given the same mean and
+    :math:`1/\sqrt{\sigma^2+\epsilon}`: torch's numbers to float32 rounding. The statistics
+    are inputs without a gradient (computed, and the running ones updated, before this
+    Function saves anything: non-reentrant checkpointing recomputes a forward only until its
+    saved tensors are back, and torch's kernel updates its running statistics before it saves).
     Double backward recomputes through ``F.batch_norm``.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var = stats._batch_mean_var_contiguous(x)
-        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-        return out, mean, var
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
+    ) -> Tensor:
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
 
-    setup_context = staticmethod(_save_normalization_context)
+    @staticmethod
+    def setup_context(
+        ctx: Any,
+        inputs: tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor, float],
+        output: Tensor,
+    ) -> None:
+        x, weight, bias, mean, var, eps = inputs
+        ctx.save_for_backward(x, weight, bias, mean, torch.rsqrt(var + eps))
+        ctx.eps = eps
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any, grad: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
             y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
-            return _grads_by_recomputation(ctx, grad, y, (x, weight, bias))
+            return *_grads_by_recomputation(ctx, grad, y, (x, weight, bias)), None, None
         needs = ctx.needs_input_grad[:3]
         mask = [
             bool(needs[0]),
@@ -827,7 +836,7 @@ class _BatchNormTrain(torch.autograd.Function):
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps, mask
         )
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 # Below these sizes torch's training kernel is faster than the fast path's fixed cost (a custom
@@ -856,7 +865,8 @@ def _batch_norm_fast_path(
         or input.dtype not in (torch.float32, torch.float64)
         or not input.is_contiguous()
         or stats._num_positions(input) < _BATCH_NORM_FAST_PATH_MIN_POSITIONS
-        or stats._batched_eagerly(input)  # not compiling: tested first
+        # No torch.func transform or forward-mode tangent: the Function has no jvp rule.
+        or not _plain_autograd(input, weight, bias)
     ):
         return False
     if (running_mean is None) != (running_var is None):
@@ -937,14 +947,16 @@ def batch_norm(
         # Contiguous float CPU input: torch's training kernel is slow here; same numbers faster.
         if eps <= 0.0:  # F.batch_norm's check, which this path does not go through
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        out, mean, var = stats._apply(_BatchNormTrain, input, weight, bias, eps)
-        if tracks:
+        mean, var = stats._batch_mean_var_contiguous(input.detach())
+        if tracks:  # first, as torch's kernel does (see _BatchNormTrain)
             count = input.numel() // input.shape[1]
             _update_running_stats(
                 running_mean, running_var, mean, var * (count / (count - 1)), momentum
             )
-        result: Tensor = out
-        return result
+        if stats._recording(input, weight, bias):
+            result: Tensor = stats._apply(_BatchNormTrain, input, weight, bias, mean, var, eps)
+            return result
+        return _BatchNormTrain.forward(input, weight, bias, mean, var, eps)
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -2216,7 +2228,7 @@ def _check_mmd_options(
         raise ValueError(f"degree must be a positive integer, got {degree!r}")
     if isinstance(offset, bool) or not isinstance(offset, (int, float)):
         raise TypeError(f"offset must be a number, got {type(offset).__name__}")
-    if not math.isfinite(offset):
+    if not -math.inf < offset < math.inf:  # (not math.isfinite: compiled, offset may be symbolic)
         raise ValueError(f"offset must be a finite number, got {offset!r}")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
         raise ValueError(f"sigma must be a finite positive number, got {sigma!r}")
