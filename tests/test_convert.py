@@ -307,6 +307,20 @@ def test_failed_conversion_leaves_the_model_as_it_was():
     torch.testing.assert_close(net(x), children[1](children[0](x)))
 
 
+class _StyledBlock(nn.Module):
+    """A block that takes the style and holds a plain instance norm as an attribute (not in a
+    Sequential, whose rebuilding would register its children anyway)."""
+
+    takes_style = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.InstanceNorm2d(3, affine=True)
+
+    def forward(self, x: torch.Tensor, style: int | torch.Tensor) -> torch.Tensor:
+        return self.norm(x, style)
+
+
 @pytest.mark.parametrize("convert", [to_stylenorm, stylenorm.to_conditional])
 def test_conversions_fire_module_registration_hooks(convert):
     """Replaced children are registered as torch's own conversions register them (add_module),
@@ -316,16 +330,16 @@ def test_conversions_fire_module_registration_hooks(convert):
     def hook(parent: nn.Module, name: str, child: nn.Module) -> None:
         seen.append((name, type(child).__name__))
 
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.InstanceNorm2d(3, affine=True)))
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _StyledBlock())
     args = (2,) if convert is stylenorm.to_conditional else ()
     handle = nn.modules.module.register_module_module_registration_hook(hook)
     try:
         converted = convert(model, *args)
     finally:
         handle.remove()
-    new = converted[1][0]
+    new = converted[1].norm
     assert type(new).__module__.startswith("stylenorm")
-    assert ("0", type(new).__name__) in seen
+    assert ("norm", type(new).__name__) in seen
 
 
 def test_conversions_name_a_non_module():

@@ -561,6 +561,43 @@ def test_batch_norm_fast_path_as_precise_as_torch_nn_at_large_mean(offset: float
         assert our_error <= 1.3 * their_error + 1e-7 * scale, (name, our_error, their_error)
 
 
+_FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("param_dtype", [*_FLOATS, None], ids=str)
+@pytest.mark.parametrize("stats_dtype", _FLOATS, ids=str)
+@pytest.mark.parametrize("input_dtype", _FLOATS, ids=str)
+def test_instance_norm_evaluation_with_mixed_dtypes_matches_torch(
+    input_dtype: torch.dtype, stats_dtype: torch.dtype, param_dtype: torch.dtype | None
+):
+    """Running statistics and affine parameters of any float dtypes: torch's exact output, or
+    torch's error (half input with half parameters and float32 running statistics used to fail
+    in the batch-norm kernel, where torch's instance norm works)."""
+    gen = torch.Generator().manual_seed(40)
+    x = (5.0 + 3.0 * torch.randn(2, 3, 6, 6, generator=gen)).to(input_dtype)
+    running = (5.0 + torch.randn(3, generator=gen), 1.0 + 9.0 * torch.rand(3, generator=gen))
+    mean, var = (t.to(stats_dtype) for t in running)
+    affine = (
+        [None, None]
+        if param_dtype is None
+        else [torch.randn(3, generator=gen).to(param_dtype) for _ in "wb"]
+    )
+
+    def outcome(fn: Callable[..., torch.Tensor]) -> tuple[Any, ...]:
+        try:
+            return ("ok", fn(x, mean, var, *affine, use_input_stats=False))
+        except RuntimeError as error:
+            return ("error", str(error))
+
+    ours, theirs = outcome(functional.instance_norm), outcome(F.instance_norm)
+    assert ours[0] == theirs[0]
+    if ours[0] == "ok":
+        assert ours[1].dtype == theirs[1].dtype
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=0)
+    else:
+        assert ours[1] == theirs[1]
+
+
 def test_batch_norm_fast_path_size_under_forward_mode_and_transforms():
     """At the fast path's size, forward-mode derivatives (jvp, forward AD, a tangent on the
     weight alone) and torch.func transforms run torch's differentiable kernel: torch.nn's

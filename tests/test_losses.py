@@ -377,7 +377,11 @@ def test_conventions_are_read_only_and_copy() -> None:
         preset.options["normalize"] = "none"  # type: ignore[index]
     with pytest.raises(TypeError, match="read-only"):
         preset.options.update(normalize="none")  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="read-only"):
+        preset.options.__init__(normalize="none")  # type: ignore[misc]
     assert preset.options["normalize"] == "chw"
+    with pytest.raises(TypeError, match="options must be a mapping"):
+        StyleConvention("mine", "gram", None)  # type: ignore[arg-type]
     options = {"normalize": "hw"}
     mine = StyleConvention("mine", "gram", options)
     options["normalize"] = "none"  # the caller's dict is copied
@@ -413,8 +417,20 @@ def test_style_loss_errors() -> None:
             StyleLoss(targets, weights={**WEIGHTS, "relu2_1": bad})
     with pytest.raises(TypeError, match=r"weights\['0'\] must be a number, got 'a'"):
         StyleLoss(list(targets.values()), weights="abc")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"weights\['1'\] must be a number, got True"):
-        StyleLoss(list(targets.values()), weights=[1.0, True, 2.0])
+    for boolean in (True, np.True_, torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"weights\['1'\] must be a number, got "):
+            StyleLoss(list(targets.values()), weights=[1.0, boolean, 2.0])
+    with pytest.raises(ValueError, match=r"weights\['0'\] must be finite, got inf"):
+        StyleLoss(list(targets.values()), weights=[10**400, 1, 1])
+    # An option's error is every layer's: raised as the loss raises it, without a layer name.
+    for options, error in (
+        ({"normalize": "bad"}, ValueError),
+        ({"foo": 1}, TypeError),
+        ({"loss": "mean_std", "eps": -1.0}, ValueError),
+    ):
+        with pytest.raises(error) as raised:
+            StyleLoss(targets, **options)
+        assert "layer" not in str(raised.value)
     # Numbers of other types (numpy's, 0-d tensors) are numbers.
     mixed = StyleLoss(list(targets.values()), weights=[np.float32(0.5), torch.tensor(2.0), 1])
     assert list(mixed.layer_weights.values()) == [0.5, 2.0, 1.0]

@@ -368,7 +368,10 @@ def test_style_adain_code_under_autocast() -> None:
     m = StyleAdaIN(4, 3).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(torch.randn(2, 3, 5, 5), torch.randn(2, 4))
-    assert out.shape == (2, 3, 5, 5) and bool(torch.isfinite(out).all())
+        assert out.shape == (2, 3, 5, 5) and bool(torch.isfinite(out).all())
+        # ... but not a float64 code, which autocast leaves alone.
+        with pytest.raises(TypeError, match="style must be a floating-point tensor of the layer"):
+            m(torch.randn(2, 3, 5, 5), torch.randn(2, 4, dtype=F64))
 
 
 def test_style_adain_constructor_checks_sizes() -> None:

@@ -168,7 +168,7 @@ def _converted(model: nn.Module, convert: Callable[..., nn.Module]) -> nn.Module
         return convert(model, memo={}, undo=undo)
     except BaseException:
         for parent, name, child in reversed(undo):
-            parent._modules[name] = child
+            parent._modules[name] = child  # a revert, not a registration: no hooks fire
         raise
 
 

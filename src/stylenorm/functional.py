@@ -73,21 +73,6 @@ def _in_layout(t: Tensor, layout: torch.memory_format) -> Tensor:
     return t.contiguous(memory_format=layout)
 
 
-def _save_normalization_context(
-    ctx: Any,
-    inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
-    output: tuple[Tensor, Tensor, Tensor],
-) -> None:
-    r"""``setup_context`` of the normalization Functions below, whose forward is
-    ``(x, scale or weight, shift or bias, eps) -> (y, mean, var)``: saves x, the two affine
-    tensors, the mean and :math:`1/\sqrt{\sigma^2+\epsilon}`; the statistics carry no gradient."""
-    x, scale, shift, eps = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, scale, shift, mean, torch.rsqrt(var + eps))
-    ctx.eps = eps
-    ctx.mark_non_differentiable(mean, var)
-
-
 def _centred_affine(x: Tensor, mean: Tensor, a: Tensor, shift: Tensor | None) -> Tensor:
     r"""``(x - mean) * a + shift`` with per-(sample, channel) ``(N, C)`` statistics in the compute
     dtype (``a``'s), formed on ``x - mean``, in ``x``'s layout and returned in ``x``'s dtype.
@@ -183,9 +168,13 @@ class _ChannelsLastNorm(torch.autograd.Function):
         inputs: tuple[Tensor, Tensor | None, Tensor | None, float],
         output: tuple[Tensor, Tensor, Tensor, float],
     ) -> None:
-        x, _, _, _ = inputs
-        y, mean, var, ratio = output
-        _save_normalization_context(ctx, inputs, (y, mean, var))
+        x, scale, shift, eps = inputs
+        _, mean, var, ratio = output
+        # x, the affine tensors, the mean and 1 / sqrt(var + eps); the statistics carry no
+        # gradient.
+        ctx.save_for_backward(x, scale, shift, mean, torch.rsqrt(var + eps))
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
         ctx.fold_mean = (
             x.shape[0] > 1
             and x[0].numel() <= _FOLDED_MAX_SAMPLE_NUMEL
@@ -682,22 +671,16 @@ def instance_norm(
             raise RuntimeError(f"{name} should contain {n * c} elements not {n * vector.numel()}")
     if not use_input_stats:
         assert running_mean is not None and running_var is not None
-        if (
-            weight is None
-            and bias is None
-            and running_mean.dtype != input.dtype
-            and not (
-                input.dtype in (torch.float16, torch.bfloat16)
-                and running_mean.dtype == torch.float32
+        layout = stats._memory_format(input)
+        if any(t is not None and t.dtype != input.dtype for _, t in vectors):
+            # Mixed dtypes: torch's own function, which casts the running statistics as its
+            # kernel needs (any dtype mix it accepts) or raises torch's error.
+            out = F.instance_norm(
+                input, running_mean, running_var, weight, bias, False, momentum, eps
             )
-        ):
-            # torch's instance norm reads running statistics of any floating dtype when there are
-            # no affine parameters; its batch-norm kernel accepts only the half/float32 mix.
-            running_mean = running_mean.to(input.dtype)
-            running_var = running_var.to(input.dtype)
+            return _in_layout(out, layout)
         # The aten op, not F.batch_norm: torch's instance norm does not reject a negative eps.
         # The output keeps the input's memory format (torch's instance norm copies to contiguous).
-        layout = stats._memory_format(input)
         if (
             input.dtype in (torch.float16, torch.bfloat16)
             and not input.is_contiguous()

@@ -319,6 +319,12 @@ class MMDLoss(_CachedTargetLoss):
 class _ReadOnlyOptions(dict[str, Any]):
     """A dict that refuses changes (a convention's options) and still copies and pickles."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_sealed", False):
+            self._read_only()
+        super().__init__(*args, **kwargs)
+        self._sealed = True
+
     def _read_only(self, *args: object, **kwargs: object) -> None:
         raise TypeError("a convention's options are read-only: build a new StyleConvention")
 
@@ -340,7 +346,8 @@ class StyleConvention:
     Attributes:
         name: key in :data:`CONVENTIONS`.
         loss: ``"gram"`` or ``"mean_std"``.
-        options: keyword arguments of the loss function.
+        options: keyword arguments of the loss function; kept as a read-only copy (build a
+            new convention, or use ``dataclasses.replace``, to change them).
         scale: constant factor in front (Gatys' :math:`\frac14`).
         formula: the source's formula, in Markdown/LaTeX (for the README table).
         source: where the formula comes from.
@@ -364,6 +371,11 @@ class StyleConvention:
     def __post_init__(self) -> None:
         if self.loss not in ("gram", "mean_std"):
             raise ValueError(f"loss must be 'gram' or 'mean_std', got {self.loss!r}")
+        if not isinstance(self.options, Mapping):
+            raise TypeError(
+                f"options must be a mapping of the loss's keyword arguments, got "
+                f"{type(self.options).__name__}"
+            )
         # A read-only copy: a preset changed by accident would change every later loss.
         object.__setattr__(self, "options", _ReadOnlyOptions(self.options))
 
@@ -493,11 +505,15 @@ def _by_string_keys(mapping: Mapping[Any, Tensor], argument: str) -> dict[str, T
 _T = TypeVar("_T")
 
 
-def _in_layer(name: str, fn: Callable[..., _T], *args: object) -> _T:
-    """``fn(*args)``, its argument errors prefixed with the layer they concern."""
+def _in_layer(name: str, fn: Callable[..., _T], *args: object, about: tuple[str, ...] = ()) -> _T:
+    """``fn(*args)``, its argument errors prefixed with the layer they concern: all of them, or
+    with ``about``, those whose message starts with one of these argument names (an option's
+    error is every layer's, and is raised as it is)."""
     try:
         return fn(*args)
     except (ValueError, TypeError, IndexError) as error:
+        if about and not str(error).startswith(about):
+            raise
         raise type(error)(f"layer {name!r}: {error}") from error
 
 
@@ -606,7 +622,11 @@ class StyleLoss(nn.Module):
             def make(target: Tensor, mask: Tensor | None) -> nn.Module:
                 return convention.module(target, target_mask=mask, persistent=persistent)
 
-        self.layers = nn.ModuleDict({k: _in_layer(k, make, t, masks[k]) for k, t in items})
+        # Errors about a layer's target or target mask name the layer; the options' do not.
+        about = ("target ", "target_mask ")
+        self.layers = nn.ModuleDict(
+            {k: _in_layer(k, make, t, masks[k], about=about) for k, t in items}
+        )
 
     def _per_layer(
         self,
@@ -666,10 +686,13 @@ class StyleLoss(nn.Module):
             given = dict(zip(names, values, strict=True))
         checked = {}
         for name, value in given.items():
+            boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")).endswith("bool")
             try:
-                number = None if isinstance(value, (bool, str)) else float(value)
+                number = None if boolean or isinstance(value, str) else float(value)
             except (TypeError, ValueError, RuntimeError):  # (a tensor of more than one value)
                 number = None
+            except OverflowError:  # an int beyond float's range
+                number = math.inf
             if number is None:
                 raise TypeError(f"weights[{name!r}] must be a number, got {value!r}")
             if not math.isfinite(number):
