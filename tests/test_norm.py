@@ -693,10 +693,10 @@ def test_batch_norm_empty_batch_is_not_a_step(shape: tuple[int, ...]):
 @pytest.mark.parametrize("name", ["BatchNorm2d", "InstanceNorm2d"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_input_running_stats_precision(name: str, dtype: torch.dtype):
-    """Half input, float32 running statistics (autocast-style): ours update them from float32
-    statistics, to float32 precision of the float64 reference. torch's instance norm is two to
-    four orders of magnitude further off; torch's batch norm accumulates in float32 as well (a few
-    1e-6 here), so there only ours' precision is asserted."""
+    """Half input, float32 running statistics (autocast-style): ours update them to float32
+    precision of the float64 reference. torch's instance norm is two to four orders of magnitude
+    further off; torch's batch norm accumulates in float32 (a few 1e-6 here), and ours is its
+    kernel: there, the same precision."""
     theirs, ours = _pair(name, 3, momentum=0.5, track_running_stats=True)
     generator = torch.Generator().manual_seed(5)
     mean, var = np.zeros(3), np.ones(3)
@@ -727,6 +727,51 @@ def test_half_input_running_stats_precision(name: str, dtype: torch.dtype):
 
 # ------------------------------------------------------------------------------------------------
 # Beyond torch: legacy checkpoints with stale instance-norm running statistics
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0, 100.0, 1e4])
+@pytest.mark.parametrize(
+    ("dtype", "affine"),
+    [
+        (torch.float32, False),
+        (torch.float32, True),
+        (torch.bfloat16, True),
+        (torch.bfloat16, False),
+    ],
+    ids=str,
+)
+def test_tracked_instance_norm_running_stats_from_the_normalization(
+    offset: float, dtype: torch.dtype, affine: bool, monkeypatch: pytest.MonkeyPatch
+):
+    """Tracked training takes its running statistics from the normalization's own statistics
+    (no second pass over the input) where they are float32-precise (refined at large means):
+    as close to the float64 update as torch.nn's, at a contiguous size where the group-norm
+    route runs. bfloat16 without float32 parameters, whose kernel reduces in bfloat16, takes
+    the statistics' own pass unless refined."""
+    theirs, ours = _pair(
+        "InstanceNorm2d", 16, affine=affine, momentum=0.5, track_running_stats=True
+    )
+    generator = torch.Generator().manual_seed(6)
+    x = (offset + 3.0 * torch.randn(4, 16, 64, 64, generator=generator)).to(dtype)
+    passes: list[int] = []
+    mean_var = stylenorm.stats._mean_var
+    monkeypatch.setattr(stylenorm.stats, "_mean_var", lambda *a: passes.append(1) or mean_var(*a))
+    theirs(x)
+    ours(x)
+    # (Above |mean| / std = 30, 33 at offset 100, the refinement's float32 statistics serve.)
+    own_pass = dtype == torch.bfloat16 and not affine and offset / 3.0 <= 30
+    assert len(passes) == int(own_pass)
+    mean, var = reference.instance_norm_running_stats(
+        x.double().numpy(), np.zeros(16), np.ones(16), 0.5
+    )
+
+    def error(module: nn.Module) -> float:
+        return max(
+            float(np.abs(module.running_mean.double().numpy() - mean).max() / max(offset, 1.0)),
+            float(np.abs(module.running_var.double().numpy() / var - 1).max()),
+        )
+
+    assert error(ours) <= max(2 * error(theirs), 5e-7), (error(ours), error(theirs))
 
 
 def _legacy_model() -> nn.Sequential:

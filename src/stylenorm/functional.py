@@ -473,6 +473,13 @@ def _formula_fits(x: Tensor, *params: Tensor | None) -> bool:
 
 
 def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
+    """The output of :func:`_contiguous_norm_and_stats`."""
+    return _contiguous_norm_and_stats(x, scale, shift, eps)[0]
+
+
+def _contiguous_norm_and_stats(
+    x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     r"""Instance norm of ``x`` (made contiguous) with ``scale``/``shift`` None, ``(C,)`` or
     ``(N, C)``: torch's group-norm kernel, one group per (sample, channel), with its own
     gradient; where some (sample, channel) has a large |mean| / std, :class:`_ContiguousNorm`
@@ -482,16 +489,23 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
     ``stats._REFINE_ABOVE_RATIO`` (where the forward's 1/sigma starts to lose digits) where not.
     Off the CPU (CUDA), where reading the statistics would synchronize, the group norm stands.
     Under torch.func transforms (:func:`_plain_autograd`) and torch.compile, which cannot branch
-    on values, the group norm stands."""
+    on values, the group norm stands.
+
+    Returns the output and, where this computed them as precisely as
+    :func:`stylenorm.stats.mean_var` would (in the compute dtype, refined above
+    ``stats._REFINE_ABOVE_RATIO``), the biased statistics ``(mean, var)``, ``(N, C)`` without
+    gradient, for running averages; else None."""
     x = x.contiguous()
     y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
     if x.device.type != "cpu":  # the check below would synchronize: no precise path there
-        return y
+        return y, None
     recording = stats._recording(x, scale, shift)
     bound = _PRECISE_GRADIENT_ABOVE_RATIO if recording else stats._REFINE_ABOVE_RATIO
     ratio = stats._largest_mean_to_spread_of_rstd(mean.detach(), rstd.detach(), eps, x)
-    if ratio <= bound or not _plain_autograd(x, scale, shift):
-        return y
+    if not _plain_autograd(x, scale, shift):
+        return y, None
+    if ratio <= bound:
+        return y, _stats_of_rstd(mean.detach(), rstd.detach(), eps, x.dtype)
     n, c = x.shape[0], x.shape[1]
     if recording and x.numel() < _CONTIGUOUS_NORM_MIN_NUMEL:
         # Small: torch.nn's own way, batch norm of the (1, N*C, M) view (the Function's fixed
@@ -499,7 +513,7 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
         weight, bias = _per_instance(scale, n, c), _per_instance(shift, n, c)
         flat = x.view(1, n * c, -1)
         training = torch.batch_norm(flat, weight, bias, None, None, True, 0.0, eps, False)
-        return training.view(x.shape)
+        return training.view(x.shape), None
     full_scale = None if scale is None else scale.expand(n, c)
     full_shift = None if shift is None else shift.expand(n, c)
     first = (y.detach(), mean.detach(), rstd.detach())  # no second group-norm pass
@@ -508,8 +522,20 @@ def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps:
         result: tuple[Tensor, Tensor, Tensor] = stats._apply(
             _ContiguousNorm, x, full_scale, full_shift, eps, first, refine
         )
-        return result[0]
-    return _ContiguousNorm.forward(x, full_scale, full_shift, eps, first, refine)[0]
+    else:
+        result = _ContiguousNorm.forward(x, full_scale, full_shift, eps, first, refine)
+    return result[0], _stats_of_rstd(result[1].detach(), result[2].detach(), eps, x.dtype)
+
+
+def _stats_of_rstd(
+    mean: Tensor, rstd: Tensor, eps: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor] | None:
+    """``(mean, var)`` from a kernel's ``mean`` and ``rstd = 1 / sqrt(var + eps)``, where they are
+    in the compute dtype of ``dtype`` (a half input's group norm without float32 parameters
+    reduces in half precision: None)."""
+    if mean.dtype != stats.compute_dtype(dtype):
+        return None
+    return mean.reshape(rstd.shape), rstd.pow(-2).sub_(eps).clamp_min_(0.0)
 
 
 # Up to this many values per sample (and with more than one sample), the channels_last backward
@@ -741,11 +767,16 @@ def instance_norm(
     # gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient), and
     # torch.nn's precision where |mean|/std is large (:func:`_contiguous_norm`). Other small
     # channels_last input is normalized contiguous and keeps its layout.
-    out = _contiguous_norm(input, weight, bias, eps)
+    out, batch_stats = _contiguous_norm_and_stats(input, weight, bias, eps)
     if tracking:  # after the kernel, which raises torch's errors first, as torch.nn does
-        with torch.no_grad():
-            mean, var = stats._mean_var(input.detach(), 1.0, None)
-        _update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum)
+        if batch_stats is None:
+            with torch.no_grad():
+                batch_stats = stats._mean_var(input.detach(), 0.0, None)
+        mean, var = batch_stats
+        m = input[0, 0].numel()
+        _update_running_stats(
+            running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
+        )
     return _in_layout(out, layout)
 
 
@@ -881,10 +912,8 @@ def batch_norm(
     over ``(N, *spatial)`` (Ioffe & Szegedy 2015) and the running buffers, when given, are updated
     with the mean and the *unbiased* variance; in evaluation the running statistics are used.
 
-    Same numbers and errors as torch's function (which it calls, or whose numbers it reproduces
-    faster on large contiguous float input). Half-precision input with float32 running
-    statistics updates them from stylenorm's two-pass float32 statistics (within 1e-7 of float64,
-    relative; torch's kernel's, used for the output, up to 7e-6 off at |mean|/σ = 300).
+    Same numbers and errors as torch's function: it calls it, except in training on large
+    contiguous float32/float64 CPU input, where it reproduces its numbers faster.
 
     Args:
         input: ``(N, C)`` or ``(N, C, *spatial)``.
@@ -906,27 +935,6 @@ def batch_norm(
     if input.dim() >= 2 and input.numel() == 0 and input.shape[1] > 0:
         # An empty batch (N = 0, or no spatial positions) carries no statistics: nothing to update.
         return F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
-    if tracks and input.dtype in (torch.float16, torch.bfloat16):
-        buffer = running_mean if running_mean is not None else running_var
-        assert buffer is not None
-        if buffer.dtype == torch.float32:
-            # Throw-away copies of the buffers keep torch's mixed-precision kernel, and so its
-            # exact output and its checks; the real buffers are updated below from float32
-            # statistics.
-            out = F.batch_norm(
-                input,
-                None if running_mean is None else running_mean.clone(),
-                None if running_var is None else running_var.clone(),
-                weight,
-                bias,
-                True,
-                momentum,
-                eps,
-            )
-            with torch.no_grad():
-                mean, var = stats._channel_mean_var(input.detach(), 1.0)
-            _update_running_stats(running_mean, running_var, mean, var, momentum)
-            return out
     if _batch_norm_fast_path(input, running_mean, running_var, weight, bias):
         # Contiguous float CPU input: torch's training kernel is slow here; same numbers faster.
         if eps <= 0.0:  # F.batch_norm's check, which this path does not go through
