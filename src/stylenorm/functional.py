@@ -308,6 +308,12 @@ def _group_norm_instances(
         y, mean, rstd = _group_norm_instances(x.float(), scale, shift, eps)
         return y.to(x.dtype), mean, rstd
     n, c = x.shape[0], x.shape[1]
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # The CPU kernel reduces and normalizes a half input in float32 with float32 parameters
+        # (ones if none), and returns float32 statistics; with half ones, or none, it rounds its
+        # statistics to half precision (a variance 6e-3 off, relative, in bfloat16).
+        scale = x.new_ones(c, dtype=torch.float32) if scale is None else scale.float()
+        shift = None if shift is None else shift.float()
     m = stats._num_positions(x)
     if n == 1:  # one sample: its (1, C) parameters are the kernel's own (C,) ones
         scale = None if scale is None else scale.reshape(c)
@@ -698,24 +704,24 @@ def instance_norm(
     if not use_input_stats:
         assert running_mean is not None and running_var is not None
         layout = stats._memory_format(input)
-        if any(t is not None and t.dtype != input.dtype for _, t in vectors):
-            # Mixed dtypes: torch's own function, which casts the running statistics as its
-            # kernel needs (any dtype mix it accepts) or raises torch's error.
+        dtypes = {t.dtype for _, t in vectors if t is not None}
+        half_float32 = input.dtype in (torch.float16, torch.bfloat16) and dtypes == {torch.float32}
+        if dtypes - {input.dtype} and not half_float32:
+            # Mixed dtypes the batch-norm kernel does not take: torch's own function, which
+            # casts the running statistics as it needs, or raises torch's error.
             out = F.instance_norm(
                 input, running_mean, running_var, weight, bias, False, momentum, eps
             )
-            return _in_layout(out, layout)
+            return out if stats._recording(input, weight, bias) else _in_layout(out, layout)
+        if half_float32 and not input.is_contiguous() and stats._recording(weight, bias):
+            # Half input, float32 parameters that want a gradient: on any layout but the
+            # contiguous one, the kernel's backward sums their gradients in half precision
+            # (the bias gradient 1.7e-3 off, relative, in bfloat16; torch.nn's, on a contiguous
+            # copy, 6e-8). Computed contiguous, as torch.nn does, with its contiguous output.
+            input = input.contiguous()
+            layout = torch.contiguous_format
         # The aten op, not F.batch_norm: torch's instance norm does not reject a negative eps.
         # The output keeps the input's memory format (torch's instance norm copies to contiguous).
-        if (
-            input.dtype in (torch.float16, torch.bfloat16)
-            and not input.is_contiguous()
-            and stats._recording(weight, bias)
-        ):
-            # On any other layout, the kernel's backward sums the half weight and bias gradients
-            # in half precision (bias gradient 1.7e-3 off, relative, at (8,16,32,32) bfloat16;
-            # torch.nn's, computed contiguous, 6e-8): computed contiguous, given back in layout.
-            input = input.contiguous()
         out = torch.batch_norm(
             input,
             weight,
