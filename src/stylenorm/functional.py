@@ -308,7 +308,7 @@ def _group_norm_instances(
         y, mean, rstd = _group_norm_instances(x.float(), scale, shift, eps)
         return y.to(x.dtype), mean, rstd
     n, c = x.shape[0], x.shape[1]
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
         # The CPU kernel reduces and normalizes a half input in float32 with float32 parameters
         # (ones if none), and returns float32 statistics; with half ones, or none, it rounds its
         # statistics to half precision (a variance 6e-3 off, relative, in bfloat16).
@@ -537,8 +537,7 @@ def _stats_of_rstd(
     mean: Tensor, rstd: Tensor, eps: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor] | None:
     """``(mean, var)`` from a kernel's ``mean`` and ``rstd = 1 / sqrt(var + eps)``, where they are
-    in the compute dtype of ``dtype`` (a half input's group norm without float32 parameters
-    reduces in half precision: None)."""
+    in the compute dtype of ``dtype`` (statistics rounded to half precision: None)."""
     if mean.dtype != stats.compute_dtype(dtype):
         return None
     return mean.reshape(rstd.shape), rstd.pow(-2).sub_(eps).clamp_min_(0.0)
