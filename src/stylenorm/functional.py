@@ -760,19 +760,17 @@ def instance_norm(
         shift = None if bias is None else bias.to(stats.compute_dtype(input.dtype)).expand(n_c)
         # Half inputs are computed in float32: one rounding at the end.
         on_own_layout = _channels_last_norm(input, scale, shift, eps)
+    batch_stats: tuple[Tensor, Tensor] | None
     if on_own_layout is not None:
-        out, mean, var = on_own_layout
-        if tracking:
-            m = input[0, 0].numel()
-            _update_running_stats(
-                running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
-            )
-        return out
-    # One group per (sample, channel) is instance norm: a single fused pass, with correct
-    # gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient), and
-    # torch.nn's precision where |mean|/std is large (:func:`_contiguous_norm`). Other small
-    # channels_last input is normalized contiguous and keeps its layout.
-    out, batch_stats = _contiguous_norm_and_stats(input, weight, bias, eps)
+        out, own_mean, own_var = on_own_layout
+        batch_stats = (own_mean, own_var)
+    else:
+        # One group per (sample, channel) is instance norm: a single fused pass, with correct
+        # gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient),
+        # and torch.nn's precision where |mean|/std is large (:func:`_contiguous_norm`). Other
+        # small channels_last input is normalized contiguous and keeps its layout.
+        out, batch_stats = _contiguous_norm_and_stats(input, weight, bias, eps)
+        out = _in_layout(out, layout)
     if tracking:  # after the kernel, which raises torch's errors first, as torch.nn does
         if batch_stats is None:
             with torch.no_grad():
@@ -782,7 +780,7 @@ def instance_norm(
         _update_running_stats(
             running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
         )
-    return _in_layout(out, layout)
+    return out
 
 
 def _torch_handles(input: object) -> bool:
