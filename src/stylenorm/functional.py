@@ -540,7 +540,7 @@ def _stats_of_rstd(
     in the compute dtype of ``dtype`` (statistics rounded to half precision: None)."""
     if mean.dtype != stats.compute_dtype(dtype):
         return None
-    return mean.reshape(rstd.shape), rstd.pow(-2).sub_(eps).clamp_min_(0.0)
+    return mean.reshape(rstd.shape), stats._var_of_rstd(rstd, eps)
 
 
 # Up to this many values per sample (and with more than one sample), the channels_last backward

@@ -479,9 +479,15 @@ def _largest_mean_to_spread_of_rstd(mean: Tensor, rstd: Tensor, eps: float, x: T
     if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
         return 0.0
     if mean.numel() > _FEW_STATISTICS:  # (the device and value checks are done)
-        return _largest_spread_ratio(mean, rstd.pow(-2).sub_(eps), eps)
+        return _largest_spread_ratio(mean, _var_of_rstd(rstd, eps), eps)
     variances = (1.0 / (r * r) - eps if r != 0 else math.inf for r in rstd.reshape(-1).tolist())
     return _largest_ratio(mean.reshape(-1).tolist(), variances, eps)
+
+
+def _var_of_rstd(rstd: Tensor, eps: float) -> Tensor:
+    """The variance of a kernel's ``rstd = 1 / sqrt(var + eps)``: ``rstd**-2 - eps``, never below
+    zero (a constant channel, in rounding)."""
+    return rstd.pow(-2).sub_(eps).clamp_min_(0.0)
 
 
 def _needs_refining(mean: Tensor, rstd: Tensor, x: Tensor) -> bool:
