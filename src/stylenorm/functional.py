@@ -1737,10 +1737,15 @@ def _autocast_off(x: object) -> contextlib.AbstractContextManager[object]:
     """
     if not isinstance(x, Tensor):  # left to the argument checks, which name it
         return contextlib.nullcontext()
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.autocast(device, enabled=False)
+    if _autocast_enabled(x):
+        return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_enabled(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (False where it has none, e.g. meta)."""
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def _float32_under_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:

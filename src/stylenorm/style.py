@@ -502,9 +502,8 @@ class StyleAdaIN(nn.Module):
         if not isinstance(style, Tensor):
             raise TypeError(f"style must be a torch.Tensor, got {type(style).__name__}")
         dtype = self.affine.weight.dtype
-        device = style.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        casts = autocast and style.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        autocast_dtype = style.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        casts = autocast_dtype and functional._autocast_enabled(style)
         if not style.is_floating_point() or (style.dtype != dtype and not casts):
             raise TypeError(
                 f"style must be a floating-point tensor of the layer's dtype ({dtype}), got "
