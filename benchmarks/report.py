@@ -135,20 +135,25 @@ def _span(values: list[float]) -> str:
 
 def target_table(rows: list[Row]) -> list[str]:
     lines = [
-        "| device | target | wanted | float32 measured | met | bfloat16 (no target) |",
-        "|---|---|---|---|---|---|",
+        "| device | target | wanted | float32 measured | met | bfloat16 (no target) | "
+        "bfloat16 into float32 layers (no target) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for device in sorted({row["device"] for row in rows}):
         for target in TARGETS:
             selected = [r for r in rows if r["device"] == device and target.applies(r)]
             f32 = [v for r in selected if r["dtype"] == "float32" if (v := target.value(r))]
             bf16 = [v for r in selected if r["dtype"] == "bfloat16" if (v := target.value(r))]
-            if not f32 and not bf16:
+            mixed = [
+                v for r in selected if r["dtype"] == "bfloat16/float32" if (v := target.value(r))
+            ]
+            if not f32 and not bf16 and not mixed:
                 continue
             met = "-" if not f32 else ("yes" if all(target.met(v) for v in f32) else "**no**")
+            f32_span, bf16_span, mixed_span = (_span(v) if v else "-" for v in (f32, bf16, mixed))
             lines.append(
-                f"| {device} | {target.name} | {target.describe()} | "
-                f"{_span(f32) if f32 else '-'} | {met} | {_span(bf16) if bf16 else '-'} |"
+                f"| {device} | {target.name} | {target.describe()} | {f32_span} | {met} | "
+                f"{bf16_span} | {mixed_span} |"
             )
     return lines
 

@@ -4,8 +4,9 @@
     python benchmarks/run.py --quick            # tiny shapes, a smoke run
     python benchmarks/run.py --ops adain,cin --shapes 8x64x64x64 --memory
 
-For each operation, shape, layout (contiguous / channels_last) and dtype (float32 / bfloat16) it
-times forward and forward+backward of stylenorm and of its baseline with
+For each operation, shape, layout (contiguous / channels_last) and dtype (float32 / bfloat16, and
+for the layers ``bfloat16/float32``: bfloat16 activations into a float32 layer, mixed precision)
+it times forward and forward+backward of stylenorm and of its baseline with
 ``torch.utils.benchmark``, alternating the two (``--rounds`` times) so drifts of the machine hit
 both alike, and prints the medians, their ratio (baseline / ours: above 1 means stylenorm is
 faster), and each time divided by one ``clone()`` of the input (the memory-bandwidth yardstick).
@@ -98,12 +99,22 @@ def _style_for(x: Tensor) -> Tensor:
     return style
 
 
-def make_case(op: str, x: Tensor) -> Case:
+def parse_dtype(name: str) -> tuple[torch.dtype, torch.dtype]:
+    """``"bfloat16"``: input and parameters in bfloat16; ``"bfloat16/float32"``: bfloat16 input
+    through a float32 module (mixed precision, for :data:`MIXED_OPS` only)."""
+    input_name, _, param_name = name.partition("/")
+    return getattr(torch, input_name), getattr(torch, param_name or input_name)
+
+
+def make_case(op: str, x: Tensor, param_dtype: torch.dtype | None = None) -> Case:
+    """Both sides of ``op`` for input ``x``; the layers' parameters and buffers in
+    ``param_dtype`` (``x.dtype`` by default)."""
     n, c = x.shape[:2]
-    dev, dt = x.device, x.dtype
-    if op == "instance_norm":
-        ours_in = stylenorm.InstanceNorm2d(c, affine=True, device=dev, dtype=dt)
-        torch_in = nn.InstanceNorm2d(c, affine=True, device=dev, dtype=dt)
+    dev, dt = x.device, param_dtype or x.dtype
+    if op in ("instance_norm", "instance_norm_tracked"):
+        options = {"affine": True, "track_running_stats": op == "instance_norm_tracked"}
+        ours_in = stylenorm.InstanceNorm2d(c, **options, device=dev, dtype=dt)
+        torch_in = nn.InstanceNorm2d(c, **options, device=dev, dtype=dt)
         return Case(ours_in, torch_in, "torch.nn.InstanceNorm2d")
     if op == "batch_norm":
         ours_bn = stylenorm.BatchNorm2d(c, device=dev, dtype=dt)
@@ -195,6 +206,7 @@ def make_case(op: str, x: Tensor) -> Case:
 
 OPS = [
     "instance_norm",
+    "instance_norm_tracked",
     "batch_norm",
     "cin",
     "adain",
@@ -205,6 +217,9 @@ OPS = [
     "mean_std_loss",
     "mmd_loss",
 ]
+# The ops with parameters, which a mixed-precision dtype ("bfloat16/float32") applies to; the
+# other ops skip it.
+MIXED_OPS = {"instance_norm", "instance_norm_tracked", "batch_norm"}
 
 
 # ---------------------------------------------------------------- timing
@@ -339,8 +354,9 @@ def _peak_mib(
     """One warm-up forward+backward (one-time allocations: thread pools, library workspaces,
     the output gradient), then the peak extra memory (MiB) of a second one: the caching
     allocator's on CUDA, the growth of this process's peak RSS on CPU."""
-    x = make_input(tuple(shape), layout, getattr(torch, dtype), device, offset)
-    case = make_case(op, x)
+    input_dtype, param_dtype = parse_dtype(dtype)
+    x = make_input(tuple(shape), layout, input_dtype, device, offset)
+    case = make_case(op, x, param_dtype)
     fn = case.ours if side == "ours" else case.baseline
     assert fn is not None
     xg = x.detach().clone().requires_grad_()
@@ -380,7 +396,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of ops")
     parser.add_argument("--shapes", default=None, help="e.g. 8x64x64x64,4x256x32x32")
     parser.add_argument("--layouts", default="contiguous,channels_last")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--dtypes",
+        default="float32,bfloat16,bfloat16/float32",
+        help="input dtypes; A/B: A input through a module in B (the layers only)",
+    )
     parser.add_argument("--devices", default=None, help="cpu,cuda (default: all available)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of ours/baseline")
     parser.add_argument("--min-run-time", type=float, default=0.1)
@@ -528,9 +548,11 @@ def _bench_one(
     min_run_time: float,
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
-    dtype = getattr(torch, dtype_name)
-    x = make_input(shape, layout, dtype, device, args.offset)
-    case = make_case(op, x)
+    input_dtype, param_dtype = parse_dtype(dtype_name)
+    if param_dtype != input_dtype and op not in MIXED_OPS:
+        return []
+    x = make_input(shape, layout, input_dtype, device, args.offset)
+    case = make_case(op, x, param_dtype)
     clone_s = _median_seconds(lambda: x.clone(), min_run_time)
     key = (device, op, "x".join(map(str, shape)), layout, dtype_name)
     rows = []

@@ -26,8 +26,10 @@ def test_quick_run_covers_every_op(
     rows = module.main(args)
     ops = {row["op"] for row in rows}
     assert ops == set(module.OPS)
-    # every op: 2 layouts x 2 dtypes x (fwd, fwd+bwd)
-    assert len(rows) == len(module.OPS) * 2 * 2 * 2
+    # every op: 2 layouts x 2 dtypes x (fwd, fwd+bwd); the layers a third, mixed precision
+    assert len(rows) == (len(module.OPS) * 2 + len(module.MIXED_OPS)) * 2 * 2
+    mixed = {row["op"] for row in rows if row["dtype"] == "bfloat16/float32"}
+    assert mixed == module.MIXED_OPS
     for row in rows:
         assert row["ours_ms"] > 0 and row["baseline_ms"] > 0
         assert math.isclose(row["ratio"], row["baseline_ms"] / row["ours_ms"], rel_tol=1e-9)
@@ -110,12 +112,14 @@ def test_report_flags_a_missed_target(monkeypatch: pytest.MonkeyPatch, tmp_path:
     rows = [
         {**row, "pass": "fwd", "baseline_ms": 2.0, "ratio": 2.0},  # below the 3x target
         {**row, "pass": "fwd+bwd", "baseline_ms": 2.5, "ratio": 2.5},  # above the 2x target
+        # mixed precision: its own column, no target
+        {**row, "pass": "fwd+bwd", "dtype": "bfloat16/float32", "baseline_ms": 0.9, "ratio": 0.9},
     ]
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows))
     lines = report.report([str(path)]).splitlines()
-    assert "| cpu | InstanceNorm forward | >= 3x | 2.00x | **no** | - |" in lines
-    assert "| cpu | InstanceNorm forward+backward | >= 2x | 2.50x | yes | - |" in lines
+    assert "| cpu | InstanceNorm forward | >= 3x | 2.00x | **no** | - | - |" in lines
+    assert "| cpu | InstanceNorm forward+backward | >= 2x | 2.50x | yes | - | 0.90x |" in lines
 
 
 def test_report_keeps_the_median_run_and_memory_from_the_memory_run(
@@ -157,7 +161,9 @@ def test_report_keeps_compiled_and_self_check_rows_out_of_the_targets(
     path.write_text(json.dumps(rows))
     lines = report.report([str(path)]).splitlines()
     # the 0.5x against the compiled formula does not count against the 3x target
-    assert "| cpu | ConditionalInstanceNorm forward+backward | >= 3x | 5.00x | yes | - |" in lines
+    assert (
+        "| cpu | ConditionalInstanceNorm forward+backward | >= 3x | 5.00x | yes | - | - |" in lines
+    )
     header = "| device | op | dtype | fwd+bwd contiguous | fwd+bwd channels_last |"
     assert lines[lines.index(header) + 2] == "| cpu | cin | float32 | 0.50x | 1.50x |"
     header = "| device | op | dtype | fwd+bwd contiguous |"
