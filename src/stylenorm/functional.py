@@ -61,8 +61,10 @@ def _update_running_stats(
         if buffer is None:
             continue
         acc = stats.compute_dtype(buffer.dtype)
-        updated = torch.lerp(buffer.to(acc), value.to(acc), momentum)
-        buffer.copy_(updated)
+        if buffer.dtype == acc == value.dtype:
+            buffer.lerp_(value, momentum)  # the same kernel in place: one op, not two
+        else:
+            buffer.copy_(torch.lerp(buffer.to(acc), value.to(acc), momentum))
 
 
 def _in_layout(t: Tensor, layout: torch.memory_format) -> Tensor:
@@ -776,7 +778,7 @@ def instance_norm(
             with torch.no_grad():
                 batch_stats = stats._mean_var(input.detach(), 0.0, None)
         mean, var = batch_stats
-        m = input[0, 0].numel()
+        m = math.prod(input.shape[2:])  # positions per (sample, channel)
         _update_running_stats(
             running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
         )
