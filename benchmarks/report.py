@@ -88,6 +88,21 @@ TARGETS = [
         _is("instance_norm", "fwd+bwd", "channels_last"),
         minimum=3.0,
     ),
+    # The same targets for a layer that tracks running statistics (no target of the issue's,
+    # but the same drop-in claim).
+    Target(
+        "InstanceNorm track_running_stats forward", _is("instance_norm_tracked", "fwd"), minimum=3.0
+    ),
+    Target(
+        "InstanceNorm track_running_stats forward+backward",
+        _is("instance_norm_tracked", "fwd+bwd"),
+        minimum=2.0,
+    ),
+    Target(
+        "InstanceNorm track_running_stats channels_last forward+backward",
+        _is("instance_norm_tracked", "fwd+bwd", "channels_last"),
+        minimum=3.0,
+    ),
     Target("BatchNorm (never slower)", _is("batch_norm"), minimum=1.0),
     Target("ConditionalInstanceNorm forward+backward", _is("cin", "fwd+bwd"), minimum=3.0),
     Target("AdaIN forward+backward", _is("adain", "fwd+bwd"), minimum=3.0),
