@@ -61,8 +61,11 @@ def _update_running_stats(
         if buffer is None:
             continue
         acc = stats.compute_dtype(buffer.dtype)
-        if buffer.dtype == acc == value.dtype:
-            buffer.lerp_(value, momentum)  # the same kernel in place: one op, not two
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor(value)
+        if buffer.dtype == acc == value.dtype and not wrapped:
+            # The same kernel in place: one op, not two (under vmap, whose fallback for
+            # lerp_ warns, the copy below raises torch's error).
+            buffer.lerp_(value, momentum)
         else:
             buffer.copy_(torch.lerp(buffer.to(acc), value.to(acc), momentum))
 
