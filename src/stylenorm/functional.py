@@ -489,11 +489,11 @@ def _formula_fits(x: Tensor, *params: Tensor | None) -> bool:
 
 def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
     """The output of :func:`_contiguous_norm_and_stats`."""
-    return _contiguous_norm_and_stats(x, scale, shift, eps)[0]
+    return _contiguous_norm_and_stats(x, scale, shift, eps, False)[0]
 
 
 def _contiguous_norm_and_stats(
-    x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
+    x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, want_stats: bool
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     r"""Instance norm of ``x`` (made contiguous) with ``scale``/``shift`` None, ``(C,)`` or
     ``(N, C)``: torch's group-norm kernel, one group per (sample, channel), with its own
@@ -506,7 +506,7 @@ def _contiguous_norm_and_stats(
     Under torch.func transforms (:func:`_plain_autograd`) and torch.compile, which cannot branch
     on values, the group norm stands.
 
-    Returns the output and, where this computed them as precisely as
+    Returns the output and, with ``want_stats`` and where this computed them as precisely as
     :func:`stylenorm.stats.mean_var` would (in the compute dtype, refined above
     ``stats._REFINE_ABOVE_RATIO``), the biased statistics ``(mean, var)``, ``(N, C)`` without
     gradient, for running averages; else None."""
@@ -520,7 +520,7 @@ def _contiguous_norm_and_stats(
     if not _plain_autograd(x, scale, shift):
         return y, None
     if ratio <= bound:
-        return y, _stats_of_rstd(mean.detach(), rstd.detach(), eps, x.dtype)
+        return y, _stats_of_rstd(mean, rstd, eps, x.dtype) if want_stats else None
     n, c = x.shape[0], x.shape[1]
     if recording and x.numel() < _CONTIGUOUS_NORM_MIN_NUMEL:
         # Small: torch.nn's own way, batch norm of the (1, N*C, M) view (the Function's fixed
@@ -539,17 +539,18 @@ def _contiguous_norm_and_stats(
         )
     else:
         result = _ContiguousNorm.forward(x, full_scale, full_shift, eps, first, refine)
-    return result[0], _stats_of_rstd(result[1].detach(), result[2].detach(), eps, x.dtype)
+    return result[0], _stats_of_rstd(result[1], result[2], eps, x.dtype) if want_stats else None
 
 
 def _stats_of_rstd(
     mean: Tensor, rstd: Tensor, eps: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor] | None:
-    """``(mean, var)`` from a kernel's ``mean`` and ``rstd = 1 / sqrt(var + eps)``, where they are
-    in the compute dtype of ``dtype`` (statistics rounded to half precision: None)."""
+    """``(mean, var)`` without gradient from a kernel's ``mean`` and ``rstd = 1 / sqrt(var +
+    eps)``, where they are in the compute dtype of ``dtype`` (statistics rounded to half
+    precision: None)."""
     if mean.dtype != stats.compute_dtype(dtype):
         return None
-    return mean.reshape(rstd.shape), stats._var_of_rstd(rstd, eps)
+    return mean.detach().reshape(rstd.shape), stats._var_of_rstd(rstd.detach(), eps)
 
 
 # Up to this many values per sample (and with more than one sample), the channels_last backward
@@ -844,7 +845,7 @@ def instance_norm(
         # gradients where instance_norm's CPU kernel has none (N = 1, channels_last gradient),
         # and torch.nn's precision where |mean|/std is large (:func:`_contiguous_norm`). Other
         # small channels_last input is normalized contiguous and keeps its layout.
-        out, batch_stats = _contiguous_norm_and_stats(input, weight, bias, eps)
+        out, batch_stats = _contiguous_norm_and_stats(input, weight, bias, eps, tracking)
         out = _in_layout(out, layout)
     if tracking:  # after the kernel, which raises torch's errors first, as torch.nn does
         if batch_stats is None:
