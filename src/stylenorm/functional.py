@@ -640,8 +640,9 @@ def _channels_last_norm_backward_blockwise(
     float64 its weight gradient had 2x-4x torch.nn's error from 2^12 positions at
     |mean|/std = 3 (1.1e-6 against 2.9e-7 at (8, 64, 64, 64)) and at 2^14 positions at a mean of
     0.5 (1.5e-6 against 4.6e-7 at (2, 64, 128, 128)); these sums measured 1.5e-7 to 2.4e-7
-    there. Forward+backward side by side: 0.86x-1.12x of the kernel's time at those shapes,
-    (4, 256, 32, 32) and (16, 32, 64, 64). With one sample it took 1.3x-1.6x as long, so a batch
+    there. Forward+backward side by side, two runs: 0.77x-1.03x of the kernel's time at
+    |mean|/std = 3 at (8, 64, 64, 64), (4, 256, 32, 32) and (16, 32, 64, 64), 1.03x-1.16x at
+    (2, 64, 128, 128) and a mean of 0.5. With one sample it took 1.3x-1.6x as long, so a batch
     of one keeps the kernel (where torch.nn's own gradient is wrong altogether)."""
     acc = mean.dtype
     positions, grads = stats._positions(x), stats._positions(grad)
@@ -652,12 +653,9 @@ def _channels_last_norm_backward_blockwise(
     def blocks(t: Tensor) -> tuple[Tensor, ...]:
         return torch.split(stats._split_samples(t, parts), block, 1)
 
-    def per_run(t: Tensor) -> Tensor:  # (N, C) constants for each run of positions
-        return (t.repeat_interleave(parts, 0) if parts > 1 else t).unsqueeze(1)
-
     chunks, grad_chunks = blocks(positions), blocks(grads)
     work = stats._block_workspace(chunks)
-    run_mean = per_run(mean)
+    run_mean = stats._per_run(mean, parts)
     sums = torch.zeros((2, n * parts, c), dtype=acc, device=x.device)
     for chunk, g in zip(chunks, grad_chunks, strict=True):
         centred = stats._centred_into(chunk, run_mean, stats._workspace_for(work, chunk))
@@ -669,9 +667,9 @@ def _channels_last_norm_backward_blockwise(
     grad_x = None
     if mask[0]:
         a = rstd if scale is None else rstd * scale
-        a_run = per_run(a)
-        coef = per_run(-a * rstd * sum_g_xhat / m)
-        const = per_run(-a * sum_g / m)
+        a_run = stats._per_run(a, parts)
+        coef = stats._per_run(-a * rstd * sum_g_xhat / m, parts)
+        const = stats._per_run(-a * sum_g / m, parts)
         grad_x = torch.empty_like(x)
         outs = blocks(stats._positions(grad_x))
         for chunk, g, out in zip(chunks, grad_chunks, outs, strict=True):

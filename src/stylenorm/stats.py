@@ -232,6 +232,12 @@ def _split_samples(positions: Tensor, parts: int) -> Tensor:
     return positions.view(n * parts, m // parts, c)
 
 
+def _per_run(values: Tensor, parts: int) -> Tensor:
+    """``(N, C)`` per-sample values as the ``(N * parts, 1, C)`` values of each run of
+    positions of :func:`_split_samples`, to broadcast over a run."""
+    return (values.repeat_interleave(parts, 0) if parts > 1 else values).unsqueeze(1)
+
+
 # Values per block of the blockwise two-pass statistics (:func:`_positions_mean_var`,
 # :func:`_rows_mean_var`, :func:`_rows_refined_mean_var`): 2 MiB of float32 (1 MiB per thread,
 # the L2 cache of this project's CPUs); measured faster than 2^18 values per block (fewer small
@@ -339,7 +345,7 @@ def _positions_mean_var(positions: Tensor, eps: float = 0.0) -> tuple[Tensor, Te
         for chunk in chunks:
             run_sums += _workspace_for(work, chunk).copy_(chunk).sum(1)
         mean = merged(run_sums) / m
-    run_mean = (mean.repeat_interleave(parts, 0) if parts > 1 else mean).unsqueeze(1)
+    run_mean = _per_run(mean, parts)
     var = centred_sums(square=True) / m
     ratio = _largest_mean_to_spread(mean, var, eps, positions, math.nan)
     if ratio > _REFINE_ABOVE_RATIO:
