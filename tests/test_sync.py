@@ -42,6 +42,9 @@ def _worker(rank: int, world: int, store_path: str, sizes: list[int]) -> None:
         _check_layer(rank, sizes, momentum=0.1, channels_last=False)
         _check_layer(rank, sizes, momentum=None, channels_last=True)
         _check_ddp(rank, world, sizes)
+        # Every rank done before any closes its connections: gloo aborted a rank now and then
+        # ("terminate called without an active exception") when a peer tore down first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -61,10 +61,9 @@ def _update_running_stats(
         if buffer is None:
             continue
         acc = stats.compute_dtype(buffer.dtype)
-        wrapped = torch._C._functorch.is_functorch_wrapped_tensor(value)
-        if buffer.dtype == acc == value.dtype and not wrapped:
-            # The same kernel in place: one op, not two (under vmap, whose fallback for
-            # lerp_ warns, the copy below raises torch's error).
+        if buffer.dtype == acc == value.dtype and _plain_autograd(value):
+            # The same kernel in place: one op, not two (under torch.func transforms, where
+            # vmap's fallback for lerp_ warns, the copy below raises torch's error).
             buffer.lerp_(value, momentum)
         else:
             buffer.copy_(torch.lerp(buffer.to(acc), value.to(acc), momentum))
