@@ -682,10 +682,101 @@ def test_vmap_tracked_training_is_refused_like_torch(name: str):
     update of unbatched buffers); ours refuse it too instead of silently mixing the batch."""
     options = {"track_running_stats": True}
     xs = torch.stack([_input(name, seed) for seed in range(2)])
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError) as theirs:
         torch.func.vmap(getattr(nn, name)(3, **options))(xs)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError) as ours:
         torch.func.vmap(getattr(stylenorm, name)(3, **options))(xs)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("InstanceNorm1d", "contiguous"),
+        ("InstanceNorm2d", "contiguous"),
+        ("InstanceNorm2d", "channels_last"),
+    ],
+)
+def test_func_transforms_of_tracked_instance_norm_update_captured_buffers_like_torch(
+    name: str, layout: str
+):
+    """torch.func.grad and jvp through a tracked InstanceNorm whose running statistics are the
+    module's own (captured, not passed in): torch.nn updates them with the primal statistics;
+    so does ours, with torch's gradients, tangents and buffers."""
+    shape = {"InstanceNorm1d": (2, 16, 50), "InstanceNorm2d": (2, 16, 128, 128)}[name]
+    theirs = _randomize(getattr(nn, name)(16, affine=True, track_running_stats=True))
+    ours = getattr(stylenorm, name)(16, affine=True, track_running_stats=True)
+    ours.load_state_dict(theirs.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    x = 1 + 2 * torch.randn(shape, generator=generator)
+    if layout == "channels_last":  # 2^19 values: the channels_last route
+        x = x.contiguous(memory_format=torch.channels_last)
+    tangent = torch.randn(shape, generator=generator)
+    results = []
+    for module in (theirs, ours):
+        params = dict(module.named_parameters())
+
+        def loss(p: dict[str, Tensor], inp: Tensor, module: nn.Module = module) -> Tensor:
+            return torch.func.functional_call(module, p, (inp,)).square().mean()
+
+        grads = torch.func.grad(loss, argnums=(0, 1))(params, x)
+        out, out_tangent = torch.func.jvp(module, (x,), (tangent,))
+        results.append((grads, out, out_tangent))
+    (their_grads, their_out, their_tangent), (our_grads, our_out, our_tangent) = results
+    _close(our_grads, their_grads, 1e-4)
+    _close(our_out, their_out)
+    _close(our_tangent, their_tangent)
+    _assert_same_state(ours, theirs)  # both updates, grad's and jvp's, took the primal values
+
+
+def _batched_gradient_case(op: str, x: Tensor) -> Tensor:
+    generator = torch.Generator().manual_seed(2)
+    n, c = x.shape[0], x.shape[1]
+    w, b = 0.5 + torch.rand(c, generator=generator), torch.randn(c, generator=generator)
+    style = 1 + 2 * torch.randn(n, c, 1, 1, generator=generator)
+    target = 1 + 2 * torch.randn(x.shape, generator=generator)
+    if op == "instance_norm":
+        return stylenorm.functional.instance_norm(x, weight=w, bias=b)
+    if op == "adain":
+        return stylenorm.functional.adain(x, style_mean=style, style_std=style.abs())
+    if op == "mean_std":
+        return torch.cat(stylenorm.stats.mean_std(x))
+    if op == "mean_std_loss":
+        return stylenorm.functional.mean_std_loss(x, target)
+    return stylenorm.functional.gram_loss(x, target)
+
+
+@pytest.mark.parametrize("mean", [0.5, 5.0], ids=["mean-0.5", "mean-5"])
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((2, 16, 8, 8), "contiguous"),
+        ((2, 16, 8, 8), "channels_last"),
+        ((2, 16, 128, 128), "contiguous"),
+        ((2, 16, 128, 128), "channels_last"),
+        ((1, 16, 256, 256), "channels_last"),
+    ],
+    ids=["small", "small-cl", "large", "large-cl", "one-sample-cl"],
+)
+@pytest.mark.parametrize("op", ["instance_norm", "adain", "mean_std", "mean_std_loss", "gram_loss"])
+def test_batched_incoming_gradients_equal_a_loop(op: str, shape, layout: str, mean: float):
+    """autograd.grad(..., is_grads_batched=True) runs the backwards under autograd's vmap:
+    every route (the channels_last ones with their reused buffers and in-place sums included)
+    gives each gradient of the batch as computed one by one."""
+    generator = torch.Generator().manual_seed(1)
+    x = mean + 2 * torch.randn(shape, generator=generator)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = _batched_gradient_case(op, x)
+    grads = torch.randn((3, *y.shape), generator=generator)
+    (batched,) = torch.autograd.grad(y, x, grads, is_grads_batched=True, retain_graph=True)
+    for k in range(3):
+        (expected,) = torch.autograd.grad(y, x, grads[k], retain_graph=True)
+        scale = float(expected.abs().max())
+        # 1e-5 of the largest entry: a batch of one on channels_last takes torch's kernel one
+        # by one, whose sums are less precise (3e-6) than the batched whole-batch ops.
+        _close(batched[k] / scale, expected / scale, 1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train-untracked", "eval"])

@@ -60,13 +60,47 @@ def _update_running_stats(
     for buffer, value in ((running_mean, mean), (running_var, var)):
         if buffer is None:
             continue
-        acc = stats.compute_dtype(buffer.dtype)
-        if buffer.dtype == acc == value.dtype and _plain_autograd(value):
-            # The same kernel in place: one op, not two (under torch.func transforms, where
-            # vmap's fallback for lerp_ warns, the copy below raises torch's error).
-            buffer.lerp_(value, momentum)
+        if stats._is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(value):
+            _lerp_into(buffer, value, momentum)
+            continue
+        value = _at_level_of(buffer, value)
+        if torch._C._functorch.is_functorch_wrapped_tensor(buffer):
+            _lerp_into(buffer, value, momentum)  # buffers passed into the transform
         else:
-            buffer.copy_(torch.lerp(buffer.to(acc), value.to(acc), momentum))
+            with torch._C._DisableFuncTorch():  # buffers captured from outside
+                _lerp_into(buffer, value, momentum)
+
+
+def _lerp_into(buffer: Tensor, value: Tensor, momentum: float) -> None:
+    acc = stats.compute_dtype(buffer.dtype)
+    if buffer.dtype == acc == value.dtype:
+        buffer.lerp_(value, momentum)  # the same kernel in place: one op, not two
+    else:
+        buffer.copy_(torch.lerp(buffer.to(acc), value.to(acc), momentum))
+
+
+# torch's error for tracked running statistics of a norm under vmap (its batch rule's words).
+_VMAP_RUNNING_STATS_ERROR = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will "
+    "be updated in place, were not batched.\nIf you are using a module and do not need eval "
+    "mode, please set `track_running_stats` to be False.If you are using a prebuilt module and "
+    "do not need eval mode, please see the functorch website for resources on how to patch "
+    "your module to work with vmap"
+)
+
+
+def _at_level_of(buffer: Tensor, value: Tensor) -> Tensor:
+    """``value`` unwrapped from the ``torch.func`` transforms that the running-statistics
+    ``buffer`` is not wrapped in, as torch's batch-norm kernels update their buffers: under
+    ``grad``/``jvp`` with buffers captured from outside, the primal statistics (a running average
+    carries no gradient); under ``vmap`` with unbatched buffers, torch's RuntimeError."""
+    functorch = torch._C._functorch
+    level = functorch.maybe_get_level(buffer)  # -1 for a plain tensor
+    while functorch.is_functorch_wrapped_tensor(value) and functorch.maybe_get_level(value) > level:
+        if functorch.is_batchedtensor(value):
+            raise RuntimeError(_VMAP_RUNNING_STATS_ERROR)
+        value = functorch.get_unwrapped(value)
+    return value
 
 
 def _in_layout(t: Tensor, layout: torch.memory_format) -> Tensor:
@@ -199,6 +233,15 @@ class _ChannelsLastNorm(torch.autograd.Function):
         x, scale, shift, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: recompute with differentiable ops
             return _instance_norm_double_backward(ctx, grad, x, scale, shift)
+        needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
+        mask = [needs_x, scale is not None and needs_scale, shift is not None and needs_shift]
+        if not _plain_autograd(grad):
+            # Batched incoming gradients (autograd.grad's is_grads_batched runs this under
+            # vmap): out-of-place whole-batch ops, which vmap batches; no reused buffers.
+            batched = _channels_last_norm_backward_batched(
+                grad, x, scale, mean, rstd, mask, centre=True
+            )
+            return (*batched, None)
         # Each sample's instance norm is batch norm of a batch of one: torch's channels_last
         # batch-norm backward kernel (any float dtype; half computed in float32) runs per sample
         # on our saved statistics. It forms x - mean element by element from the stable mean, so
@@ -207,8 +250,6 @@ class _ChannelsLastNorm(torch.autograd.Function):
             # The kernel's vectorized path needs the gradient in x's exact layout (a batch of one
             # may carry any stride on its size-1 batch dimension).
             grad = torch.empty_like(x).copy_(grad)
-        needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
-        mask = [needs_x, scale is not None and needs_scale, shift is not None and needs_shift]
         if ctx.fold_mean or x[0].numel() < _KERNEL_MIN_SAMPLE_NUMEL:
             batched = _channels_last_norm_backward_batched(
                 grad, x, scale, mean, rstd, mask, centre=not ctx.fold_mean
@@ -284,8 +325,9 @@ def _per_instance(
 
 
 def _plain_autograd(*tensors: Tensor | None) -> bool:
-    """Whether no ``torch.func`` transform (grad, vjp, jacrev, vmap, jvp) wraps these tensors
-    and none carries a forward-mode tangent. Only then do the precise paths run their
+    """Whether no ``torch.func`` transform (grad, vjp, jacrev, vmap, jvp) wraps these tensors,
+    none is batched by autograd's own vmap (batched incoming gradients) and none carries a
+    forward-mode tangent. Only then do the precise paths run their
     ``autograd.Function`` (no forward-mode rule; recomputation under transforms) and ``out=``
     kernels; otherwise torch's own differentiable kernels stand. Under torch.compile, which
     traces the transforms itself and not these queries, True (the callers' other conditions
@@ -294,7 +336,12 @@ def _plain_autograd(*tensors: Tensor | None) -> bool:
         return True
     functorch = torch._C._functorch
     return not any(
-        t is not None and (functorch.is_functorch_wrapped_tensor(t) or stats._has_tangent(t))
+        t is not None
+        and (
+            functorch.is_functorch_wrapped_tensor(t)
+            or functorch.is_legacy_batchedtensor(t)  # autograd.grad(..., is_grads_batched=True)
+            or stats._has_tangent(t)
+        )
         for t in tensors
     )
 
@@ -615,7 +662,8 @@ def _channels_last_norm_backward_batched(
             const -= coef * mean
         flat = torch.addcmul(const.unsqueeze(1), values, coef.unsqueeze(1))
         flat.addcmul_(g, a.unsqueeze(1))
-        spatial_last = flat.view(n, *x.shape[2:], c)  # channels_last memory
+        # channels_last memory (a view; reshape for batched gradients, whose layout is vmap's)
+        spatial_last = flat.reshape(n, *x.shape[2:], c)
         grad_x = spatial_last.movedim(-1, 1).to(x.dtype)
     return grad_x, sum_g_xhat if mask[1] else None, sum_g if mask[2] else None
 

@@ -70,6 +70,21 @@ def _batched_eagerly(t: Tensor) -> bool:
     return False
 
 
+def _batched_gradient(*tensors: Tensor | None) -> bool:
+    """Whether incoming gradients are batched: by ``torch.autograd.grad(...,
+    is_grads_batched=True)`` (autograd's own vmap) or by a ``torch.func`` transform. The
+    backwards then stay out of place (an in-place op on an unbatched temporary cannot take a
+    batched operand)."""
+    if _is_compiling():
+        return False
+    functorch = torch._C._functorch
+    return any(
+        t is not None
+        and (functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t))
+        for t in tensors
+    )
+
+
 def _values_unknown(*tensors: Tensor) -> bool:
     """Whether value checks (``bool(...)`` of a reduction) must be skipped: under
     ``torch.compile``, on the meta device, or for tensors batched by ``vmap``, where reading a
@@ -229,7 +244,7 @@ def _split_samples(positions: Tensor, parts: int) -> Tensor:
     """The ``(N * parts, M / parts, C)`` view of an ``(N, M, C)`` view (see
     :func:`_virtual_samples`): each sample's positions cut into ``parts`` consecutive runs."""
     n, m, c = positions.shape
-    return positions.view(n * parts, m // parts, c)
+    return positions.reshape(n * parts, m // parts, c)  # a view (batched gradients: vmap's)
 
 
 def _per_run(values: Tensor, parts: int) -> Tensor:
@@ -627,7 +642,8 @@ class _MeanVar(torch.autograd.Function):
             return offset.to(x.dtype).expand_as(x), None
         scale = grad_var.reshape(shape) * (2.0 / (m - ctx.correction))  # type: ignore[attr-defined]
         centered = x - mean.reshape(shape)  # subtract first: exact where x is close to a large mean
-        if torch.is_grad_enabled():  # double backward: stay out of place
+        if torch.is_grad_enabled() or _batched_gradient(grad_mean, grad_var):
+            # Double backward or batched gradients: out of place.
             grad = centered * scale
             grad = grad if offset is None else grad + offset
         else:
