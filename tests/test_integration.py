@@ -729,6 +729,56 @@ def test_func_transforms_of_tracked_instance_norm_update_captured_buffers_like_t
     _assert_same_state(ours, theirs)  # both updates, grad's and jvp's, took the primal values
 
 
+@pytest.mark.parametrize("transform", ["vmap", "vmap-of-grad", "grad-of-vmap", "vmap-of-jvp"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_vmap_with_batched_running_statistics_like_torch(transform: str, layout: str):
+    """Per-model running statistics passed in batched (functional_call under vmap, as for model
+    ensembles), with grad or jvp inside or outside: each model's buffers take its own batch's
+    statistics, as torch.nn's do."""
+    generator = torch.Generator().manual_seed(3)
+    models, channels = 3, 16
+    xs = 1 + 2 * torch.randn(models, 2, channels, 128, 128, generator=generator)
+    if layout == "channels_last":  # each model's batch on the channels_last route
+        xs = torch.stack([x.contiguous(memory_format=torch.channels_last) for x in xs])
+        assert xs[0].is_contiguous(memory_format=torch.channels_last)
+    buffers = []
+    for lib in (nn, stylenorm):
+        module = lib.InstanceNorm2d(channels, track_running_stats=True)
+        state = {
+            "running_mean": torch.rand(
+                models, channels, generator=torch.Generator().manual_seed(4)
+            ),
+            "running_var": torch.ones(models, channels),
+        }
+
+        def out(b: dict[str, Tensor], x: Tensor, module: nn.Module = module) -> Tensor:
+            return torch.func.functional_call(module, b, (x,))
+
+        def loss_grad(b: dict[str, Tensor], x: Tensor) -> Tensor:
+            return torch.func.grad(lambda x: out(b, x).pow(3).mean())(x)
+
+        if transform == "vmap":
+            result = torch.func.vmap(out)(state, xs)
+        elif transform == "vmap-of-grad":
+            result = torch.func.vmap(loss_grad)(state, xs)
+        elif transform == "grad-of-vmap":
+
+            def vmapped_loss(x: Tensor, state: dict[str, Tensor] = state) -> Tensor:
+                return torch.func.vmap(out)(state, x).pow(3).mean()
+
+            result = torch.func.grad(vmapped_loss)(xs)
+        else:
+            tangent = torch.ones_like(xs)
+            result = torch.func.vmap(
+                lambda b, x, t: torch.func.jvp(lambda x: out(b, x), (x,), (t,))[1]
+            )(state, xs, tangent)
+        buffers.append((result, state))
+    (their_result, theirs), (our_result, ours) = buffers
+    _close(our_result, their_result, 1e-4)
+    _close(ours, theirs)
+    assert not torch.equal(ours["running_var"], torch.ones(models, channels))  # updated
+
+
 def _batched_gradient_case(op: str, x: Tensor) -> Tensor:
     generator = torch.Generator().manual_seed(2)
     n, c = x.shape[0], x.shape[1]

@@ -63,12 +63,14 @@ def _update_running_stats(
         if stats._is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(value):
             _lerp_into(buffer, value, momentum)
             continue
-        value = _at_level_of(buffer, value)
-        if torch._C._functorch.is_functorch_wrapped_tensor(buffer):
-            _lerp_into(buffer, value, momentum)  # buffers passed into the transform
-        else:
-            with torch._C._DisableFuncTorch():  # buffers captured from outside
-                _lerp_into(buffer, value, momentum)
+        # Below every transform, as torch's kernels update their buffers: a buffer captured
+        # from outside is plain; one passed in (vmap's in_dims, functional_call) is unwrapped
+        # with its batch dims in front, as the statistics are.
+        plain_buffer, plain_value = _unwrapped(buffer), _unwrapped(_at_level_of(buffer, value))
+        if plain_value.dim() < plain_buffer.dim():  # batched buffers, unbatched input
+            plain_value = plain_value.expand_as(plain_buffer)
+        with torch._C._DisableFuncTorch():
+            _lerp_into(plain_buffer, plain_value, momentum)
 
 
 def _lerp_into(buffer: Tensor, value: Tensor, momentum: float) -> None:
@@ -101,6 +103,18 @@ def _at_level_of(buffer: Tensor, value: Tensor) -> Tensor:
             raise RuntimeError(_VMAP_RUNNING_STATS_ERROR)
         value = functorch.get_unwrapped(value)
     return value
+
+
+def _unwrapped(t: Tensor) -> Tensor:
+    """The plain tensor under every ``torch.func`` wrapper of ``t``, each batch dim moved to
+    the front (the outermost transform's first): a view of the same memory."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            t = functorch.get_unwrapped(t).movedim(functorch.maybe_get_bdim(t), 0)
+        else:
+            t = functorch.get_unwrapped(t)
+    return t
 
 
 def _in_layout(t: Tensor, layout: torch.memory_format) -> Tensor:
