@@ -56,11 +56,18 @@ def _update_running_stats(
     momentum: float,
 ) -> None:
     """Exponential moving average ``r <- (1 - momentum) r + momentum s``, computed in float32
-    (float64 for float64 buffers) and written back in the buffer's dtype."""
+    (float64 for float64 buffers) and written back in the buffer's dtype, in place. Under
+    ``torch.func`` transforms, as torch's kernels do: captured buffers take the primal
+    statistics, buffers passed in batched their own batch's, unbatched ones under ``vmap``
+    raise torch's error."""
     for buffer, value in ((running_mean, mean), (running_var, var)):
         if buffer is None:
             continue
-        if stats._is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(value):
+        functorch = torch._C._functorch
+        if stats._is_compiling() or not (
+            functorch.is_functorch_wrapped_tensor(value)
+            or functorch.is_functorch_wrapped_tensor(buffer)
+        ):
             _lerp_into(buffer, value, momentum)
             continue
         # Below every transform, as torch's kernels update their buffers: a buffer captured
