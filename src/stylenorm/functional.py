@@ -63,11 +63,7 @@ def _update_running_stats(
     for buffer, value in ((running_mean, mean), (running_var, var)):
         if buffer is None:
             continue
-        functorch = torch._C._functorch
-        if stats._is_compiling() or not (
-            functorch.is_functorch_wrapped_tensor(value)
-            or functorch.is_functorch_wrapped_tensor(buffer)
-        ):
+        if not stats._transformed(buffer, value):  # (under compile too)
             _lerp_into(buffer, value, momentum)
             continue
         # Below every transform, as torch's kernels update their buffers: a buffer captured
@@ -256,7 +252,7 @@ class _ChannelsLastNorm(torch.autograd.Function):
             return _instance_norm_double_backward(ctx, grad, x, scale, shift)
         needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
         mask = [needs_x, scale is not None and needs_scale, shift is not None and needs_shift]
-        if not _plain_autograd(grad):
+        if stats._transformed(grad):
             # Batched incoming gradients (autograd.grad's is_grads_batched runs this under
             # vmap): out-of-place whole-batch ops, which vmap batches; no reused buffers.
             batched = _channels_last_norm_backward_batched(
@@ -355,15 +351,9 @@ def _plain_autograd(*tensors: Tensor | None) -> bool:
     keep the compiled graph on torch's kernels)."""
     if stats._is_compiling():
         return True
-    functorch = torch._C._functorch
-    return not any(
-        t is not None
-        and (
-            functorch.is_functorch_wrapped_tensor(t)
-            or functorch.is_legacy_batchedtensor(t)  # autograd.grad(..., is_grads_batched=True)
-            or stats._has_tangent(t)
-        )
-        for t in tensors
+    return not (
+        stats._transformed(*tensors)
+        or any(t is not None and stats._has_tangent(t) for t in tensors)
     )
 
 

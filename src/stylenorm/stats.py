@@ -70,11 +70,11 @@ def _batched_eagerly(t: Tensor) -> bool:
     return False
 
 
-def _batched_gradient(*tensors: Tensor | None) -> bool:
-    """Whether incoming gradients are batched: by ``torch.autograd.grad(...,
-    is_grads_batched=True)`` (autograd's own vmap) or by a ``torch.func`` transform. The
-    backwards then stay out of place (an in-place op on an unbatched temporary cannot take a
-    batched operand)."""
+def _transformed(*tensors: Tensor | None) -> bool:
+    """Whether a ``torch.func`` transform wraps any of these tensors, or autograd's own vmap
+    batches one (incoming gradients of ``torch.autograd.grad(..., is_grads_batched=True)``).
+    Backwards then stay out of place (an in-place op on an unbatched temporary cannot take a
+    batched operand). False under torch.compile, which cannot trace these queries."""
     if _is_compiling():
         return False
     functorch = torch._C._functorch
@@ -642,7 +642,7 @@ class _MeanVar(torch.autograd.Function):
             return offset.to(x.dtype).expand_as(x), None
         scale = grad_var.reshape(shape) * (2.0 / (m - ctx.correction))  # type: ignore[attr-defined]
         centered = x - mean.reshape(shape)  # subtract first: exact where x is close to a large mean
-        if torch.is_grad_enabled() or _batched_gradient(grad_mean, grad_var):
+        if torch.is_grad_enabled() or _transformed(grad_mean, grad_var):
             # Double backward or batched gradients: out of place.
             grad = centered * scale
             grad = grad if offset is None else grad + offset
