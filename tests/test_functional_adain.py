@@ -760,3 +760,28 @@ def test_channels_last_without_gradient_is_exact_at_large_mean(
     expected = reference.adain(_np(content), _np(style), alpha=alpha)
     assert_small_inference_precise(out, expected, content)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 4, 16, 16), (4, 32, 32, 32)])
+def test_content_whose_float32_squares_overflow(layout: str, shape: tuple[int, ...]) -> None:
+    """Content features at 1e30 (a float32 sum of squares overflows; the folded form's variance
+    is inf and its output the style mean, or NaN): the call runs again in float64, output and
+    gradients as float64's."""
+    gen = torch.Generator().manual_seed(4)
+    content = (1e30 * torch.randn(shape, generator=gen, dtype=torch.float64) + 3e29).float()
+    style = torch.randn(shape[0], shape[1], 8, 8, generator=gen) * 2 + 1
+    if layout == "channels_last":
+        content = content.contiguous(memory_format=torch.channels_last)
+    xg = content.clone().requires_grad_()
+    y = adain(xg, style, alpha=0.75)
+    assert y.dtype == torch.float32 and y.stride() == content.stride()
+    expected = reference.adain(_np(content), _np(style), alpha=0.75)
+    # The alpha blend keeps a quarter of the content (2.5e29): relative to it.
+    np.testing.assert_allclose(_np(y), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(shape, generator=gen)
+    y.backward(grad)
+    x64 = content.detach().double().requires_grad_()
+    adain(x64, style.double(), alpha=0.75).backward(grad.double())
+    assert xg.grad is not None and x64.grad is not None
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)

@@ -415,3 +415,31 @@ def test_large_mean_gradients_as_precise_as_torch_nn(
         scale = float(e.abs().max())
         e_ours, e_theirs = float((o - e).abs().max()) / scale, float((t - e).abs().max()) / scale
         assert e_ours <= 2 * e_theirs + 1e-6, (name, e_ours, e_theirs)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 4, 16, 16), (4, 32, 32, 32)])
+def test_features_whose_float32_squares_overflow(layout: str, shape: tuple[int, ...]) -> None:
+    """At 1e30 a float32 sum of squares overflows (torch.nn's instance norm outputs zeros, the
+    group-norm kernel NaN): the call runs again in float64, output and gradients as float64's."""
+    gen = torch.Generator().manual_seed(2)
+    x = (1e30 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    n, c = shape[0], shape[1]
+    weight = (torch.rand(3, c, generator=gen) + 0.5).requires_grad_()
+    bias = torch.randn(3, c, generator=gen).requires_grad_()
+    ids = torch.tensor([0, 2, 1, 0][:n])
+    xg = x.clone().requires_grad_()
+    y = conditional_instance_norm(xg, ids, weight, bias)
+    assert y.dtype == torch.float32 and y.stride() == x.stride()
+    expected = reference.conditional_instance_norm(_np(x), ids.numpy(), _np(weight), _np(bias))
+    np.testing.assert_allclose(_np(y), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(shape, generator=gen)
+    y.backward(grad)
+    inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    conditional_instance_norm(inputs[0], ids, inputs[1], inputs[2]).backward(grad.double())
+    for ours, ref in zip((xg, weight, bias), inputs, strict=True):
+        assert ours.grad is not None and ref.grad is not None
+        scale = float(ref.grad.abs().max())
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-5, atol=1e-5 * scale)

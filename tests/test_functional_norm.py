@@ -1106,3 +1106,91 @@ def test_strided_and_expanded_affine_parameters(offset: float, monkeypatch: pyte
             assert (ours is None) == (theirs is None)
             if ours is not None:
                 torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Features so large that a float32 sum of squares overflows
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 4, 16, 16), (4, 32, 32, 32)])
+@pytest.mark.parametrize("scale", [1e18, 1e30])
+def test_instance_norm_where_float32_squares_overflow(
+    layout: str, shape: tuple[int, ...], scale: float
+):
+    """Once M sigma^2 passes 3.4e38 (sigma about 3e17 at 64x64 positions) a float32 sum of squares
+    overflows: torch.nn then outputs the bias (its 1/sigma is 0), torch's group-norm kernel NaN
+    (E[x^2] - E[x]^2 = inf - inf). Such calls run again in float64: output, gradients and
+    running statistics are float64's, rounded to float32 (a running variance of 1e59 is inf)."""
+    gen = torch.Generator().manual_seed(3)
+    x = (scale * (torch.randn(shape, generator=gen, dtype=torch.float64) + 0.5)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight, bias = (p.float().requires_grad_() for p in _affine(c, 5))
+    xg = x.clone().requires_grad_()
+    running_mean, running_var = torch.zeros(c), torch.ones(c)
+    y = functional.instance_norm(xg, running_mean, running_var, weight, bias)
+    assert y.dtype == torch.float32 and y.stride() == x.stride()
+    expected = reference.instance_norm(_np(x), _np(weight), _np(bias))
+    np.testing.assert_allclose(_np(y), expected, rtol=1e-5, atol=1e-5)
+
+    grad = torch.randn(shape, generator=gen)
+    y.backward(grad)
+    inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    F.instance_norm(inputs[0], weight=inputs[1], bias=inputs[2]).backward(grad.double())
+    for ours, ref in zip((xg, weight, bias), inputs, strict=True):
+        assert ours.grad is not None and ours.grad.dtype == torch.float32
+        _assert_close_at_scale(ours.grad, ref.grad, 1e-5)
+
+    mean_ref, var_ref = reference.instance_norm_running_stats(_np(x), np.zeros(c), np.ones(c))
+    np.testing.assert_allclose(running_mean.numpy(), mean_ref.astype(np.float32), rtol=1e-6)
+    with np.errstate(over="ignore"):  # 1e59 is inf in float32
+        var_ref = var_ref.astype(np.float32)
+    np.testing.assert_allclose(running_var.numpy(), var_ref, rtol=1e-6)
+
+
+def test_instance_norm_of_nan_or_infinite_input_is_not_computed_again(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Non-finite input makes non-finite statistics of its own: no float64 pass, torch.nn's NaN."""
+    monkeypatch.setattr(stats, "_in_float64", _refuse_float64)
+    for bad in (math.nan, math.inf):
+        for shape in ((2, 4, 16, 16), (4, 32, 32, 32)):
+            x = torch.randn(shape)
+            x[1, 2, 3, 4] = bad
+            for xs in (x, x.contiguous(memory_format=torch.channels_last)):
+                y = functional.instance_norm(xs.clone().requires_grad_())
+                expected = F.instance_norm(xs)
+                assert torch.equal(y.isnan(), expected.isnan())
+                assert bool(y[1, 2].isnan().all()) and not bool(y[0].isnan().any())
+
+
+def _refuse_float64(*args: Any) -> Any:
+    raise AssertionError("computed again in float64")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_hard_finite_input_is_not_computed_again_in_float64(
+    layout: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Constant channels (with and without eps), |mean| / std of 1e6, tiny spreads, half
+    precision, one position and zero eps keep their float32 paths."""
+    monkeypatch.setattr(stats, "_in_float64", _refuse_float64)
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((2, 4, 4, 4), (2, 16, 32, 32), (4, 32, 32, 32)):
+        base = torch.randn(shape, generator=gen)
+        cases = [base * 1e-6 + 1e4, base.clone(), base * 1e15]
+        cases[1][:, 1] = 7.0  # constant channels
+        cases[1][0, 0] = 0.0
+        for i, x in enumerate(cases):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16)[: 2 if i == 2 else 3]:
+                xs = x.to(dtype)  # (1e15 is inf in float16)
+                if layout == "channels_last":
+                    xs = xs.contiguous(memory_format=torch.channels_last)
+                y = functional.instance_norm(xs.clone().requires_grad_())
+                y.sum().backward()
+                assert not bool(y.isnan().any())
+                functional.instance_norm(xs, eps=0.0)
+                stats.mean_std(xs, eps=0.0)
+                stats.mean_var(xs)

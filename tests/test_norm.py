@@ -908,3 +908,35 @@ def test_module_forward_equals_torch_functional():
     torch.testing.assert_close(
         ours(x), F.instance_norm(x, None, None, ours.weight, ours.bias), rtol=1e-12, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_tracked_instance_norm_where_float32_squares_overflow(inference: bool, layout: str):
+    """A layer whose features overflow a float32 sum of squares (at 1e30) is computed again in
+    float64 (`stylenorm.stats`): its output and running statistics are float64's, its input is
+    left as it was, also under inference mode (whose tensors keep no version counter)."""
+    gen = torch.Generator().manual_seed(8)
+    x = (1e30 * (torch.randn(4, 32, 32, 32, generator=gen, dtype=torch.float64) + 1)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    before, version = x.clone(), x._version
+    layer = stylenorm.InstanceNorm2d(32, affine=True, track_running_stats=True)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=gen)
+        layer.bias.normal_(generator=gen)
+    with torch.inference_mode(inference):
+        y = layer(x)
+    assert torch.equal(x, before) and x._version == version
+    expected = reference.instance_norm(
+        x.double().numpy(),
+        layer.weight.detach().double().numpy(),
+        layer.bias.detach().double().numpy(),
+    )
+    np.testing.assert_allclose(y.detach().double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    mean_ref, var_ref = reference.instance_norm_running_stats(
+        x.double().numpy(), np.zeros(32), np.ones(32)
+    )
+    np.testing.assert_allclose(layer.running_mean.double().numpy(), mean_ref, rtol=1e-6)
+    assert (var_ref > np.finfo(np.float32).max).all()  # about 1e59: inf in float32
+    assert bool(torch.isinf(layer.running_var).all())

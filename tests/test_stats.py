@@ -594,3 +594,44 @@ def test_blockwise_channels_last_only_where_it_pays(kernels: str):
         assert stats._blockwise_channels_last(x, weight) == own
     small = torch.empty(2, 64, 16, 32).contiguous(memory_format=cl)  # 2^16 values
     assert stats._blockwise_channels_last(small, weight) == own
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 16), (4, 32, 32, 32)])
+@pytest.mark.parametrize("scale", [1e18, 1e30])
+def test_mean_std_where_float32_squares_overflow(layout: str, shape: tuple[int, ...], scale: float):
+    """From 4096 values, statistics whose float32 sum of squares overflows are computed again in
+    float64: the standard deviation (1e30 here) is float64's, where the float32 variance (1e60)
+    can only be inf; the gradient too."""
+    gen = torch.Generator().manual_seed(1)
+    x = (scale * (torch.randn(shape, generator=gen, dtype=torch.float64) - 2.0)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xg = x.clone().requires_grad_()
+    mean, std = stats.mean_std(xg)
+    mean_ref, std_ref = reference.mean_std(_np(x))
+    np.testing.assert_allclose(_np(mean), mean_ref, rtol=1e-6)
+    np.testing.assert_allclose(_np(std), std_ref, rtol=1e-6)
+    var = stats.mean_var(x)[1]
+    with np.errstate(over="ignore"):  # 1e60 is inf in float32
+        var_ref = (std_ref**2).astype(np.float32)
+    np.testing.assert_allclose(_np(var), var_ref, rtol=1e-6)
+    (std.sum() + mean.sum()).backward()
+    x64 = x.detach().double().requires_grad_()
+    m64, s64 = stats.mean_std(x64)
+    (s64.sum() + m64.sum()).backward()
+    assert xg.grad is not None and x64.grad is not None
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (4, 32, 32, 32)])
+def test_masked_mean_std_where_float32_squares_overflow(shape: tuple[int, ...]):
+    """Weighted statistics of features at 1e30 (their float32 weighted squares overflow) are
+    computed again in float64, as the unmasked ones."""
+    gen = torch.Generator().manual_seed(6)
+    x = (1e30 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    mask = torch.rand((shape[0], 1, *shape[2:]), generator=gen) + 0.25
+    mean, std = stats.mean_std(x, mask=mask)
+    mean_ref, std_ref = reference.mean_std(_np(x), mask=_np(mask))
+    np.testing.assert_allclose(_np(mean), mean_ref, rtol=1e-5)
+    np.testing.assert_allclose(_np(std), std_ref, rtol=1e-5)

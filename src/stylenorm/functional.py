@@ -518,6 +518,7 @@ def _formula_norm(
     acc = stats.compute_dtype(x.dtype)
     ones = (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ...), (N, C) -> (N, C, 1, ...)
     mean, deviations, offset, var = stats._formula_deviations(x.to(acc))
+    stats._check_finite(var.detach(), x)
     a = torch.rsqrt(var + eps)
     if scale is not None:
         a = a * scale.to(acc).reshape(scale.shape + ones)
@@ -758,6 +759,7 @@ def _grads_by_recomputation(
     return out[0], out[1], out[2], None
 
 
+@stats._float64_on_overflow
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,
@@ -783,8 +785,10 @@ def instance_norm(
 
     Same arguments, numbers, gradients and errors as torch's function, except where torch is
     wrong: correct gradients for a batch of one with a channels_last incoming gradient, an empty
-    batch returns an empty output and leaves running statistics untouched, and half-precision
-    inputs update float32 running statistics from float32 statistics.
+    batch returns an empty output and leaves running statistics untouched, half-precision
+    inputs update float32 running statistics from float32 statistics, and on the CPU features
+    so large that a float32 sum of their squares overflows (torch: the bias, or NaN) are
+    computed again in float64 (:func:`stylenorm.stats.mean_var`).
 
     Args:
         input: ``(N, C, *spatial)``.
@@ -1245,6 +1249,7 @@ def _cin_select(
     return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
 
 
+@stats._float64_on_overflow
 def conditional_instance_norm(
     input: Tensor,
     style: int | Tensor,
@@ -1603,6 +1608,7 @@ def _adain_apply(content: Tensor, terms: list[_AdaINTerm]) -> Tensor:
     return torch.addcmul(shift, content, scale)
 
 
+@stats._float64_on_overflow
 def adain(
     content: Tensor,
     style: Tensor | Sequence[Tensor] | None = None,
@@ -1718,6 +1724,7 @@ def adain(
     return _adain_apply(content, [term])
 
 
+@stats._float64_on_overflow
 def adain_regions(
     content: Tensor,
     regions: Sequence[StyleRegion | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor | None]],

@@ -24,16 +24,21 @@ Half and bfloat16 inputs are reduced in float32; results come back in the input'
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import types
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 __all__ = ["compute_dtype", "mean_std", "mean_var"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -439,6 +444,100 @@ def _finite_max(values: Iterable[float]) -> float:
     return max((v for v in values if math.isfinite(v)), default=0.0)
 
 
+class _Overflow(Exception):
+    """The float32 statistics of finite input overflowed: raised by :func:`_overflowed` inside a
+    function wrapped by :func:`_float64_on_overflow`, which computes the call again in float64."""
+
+
+# How many calls wrapped by :func:`_float64_on_overflow` this thread is inside.
+_RESCUE = threading.local()
+
+
+def _overflowed(x: Tensor) -> None:
+    r"""Called where some statistic of ``x`` came out infinite or NaN. A float32 (or bfloat16)
+    sum of squares overflows once :math:`M \sigma^2` passes 3.4e38, from :math:`\sigma` about
+    3e17 at 64x64 positions: the variance becomes inf (1/sigma 0, so the output is its shift,
+    as torch.nn's) or, in the group-norm kernel's E[x^2] - E[x]^2, NaN. Where ``x`` itself is
+    finite and a caller can compute again in float64 (:func:`_float64_on_overflow`), raise
+    :class:`_Overflow`; otherwise (NaN or infinite input, float64, no such caller) return,
+    and the statistics stand."""
+    if (
+        getattr(_RESCUE, "depth", 0) > 0
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and bool(torch.isfinite(x).all())
+    ):
+        raise _Overflow
+
+
+def _float64_on_overflow(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Wrap a public function of a features input (its first argument) so that where its float32
+    statistics overflow on finite input (:func:`_overflowed`), it runs again with every
+    floating-point tensor argument in float64 (no float32 or bfloat16 input can overflow
+    there), and its tensor results come back in the input's dtype. Running statistics updated
+    in place by that call are copied back into the caller's buffers. Gradients flow through
+    the casts. Costs nothing but a counter where nothing overflows; under torch.compile, which
+    reads no statistics, the function runs as it is."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if _is_compiling():
+            return fn(*args, **kwargs)
+        _RESCUE.depth = getattr(_RESCUE, "depth", 0) + 1
+        try:
+            return fn(*args, **kwargs)
+        except _Overflow:
+            pass
+        finally:
+            _RESCUE.depth -= 1
+        return _in_float64(fn, args, kwargs)
+
+    return wrapper
+
+
+def _in_float64(fn: Callable[..., _R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _R:
+    """``fn(*args, **kwargs)`` with floating-point tensors (also in lists, tuples and named
+    tuples) in float64, results in the first argument's dtype; see :func:`_float64_on_overflow`."""
+    dtype = args[0].dtype
+    copies: list[tuple[Tensor, Tensor, int | None]] = []
+
+    def widen(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            if not value.is_floating_point() or value.dtype == torch.float64:
+                return value
+            wide = value.double()
+            # (Tensors made in inference mode keep no version counter.)
+            copies.append((value, wide, None if wide.is_inference() else wide._version))
+            return wide
+        if isinstance(value, list):
+            return [widen(v) for v in value]
+        if isinstance(value, tuple):
+            items = [widen(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        return value
+
+    result = fn(*widen(args), **{key: widen(v) for key, v in kwargs.items()})
+    with torch.no_grad():
+        for original, wide, version in copies:
+            # A running statistic, updated in place (inputs are never written to).
+            if version is None:
+                changed = not torch.equal(wide.to(original.dtype), original)
+            else:
+                changed = wide._version != version
+            if changed:
+                original.copy_(wide)
+
+    def narrow(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.to(dtype) if value.is_floating_point() else value
+        if isinstance(value, tuple):
+            items = [narrow(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        return value
+
+    narrowed: _R = narrow(result)
+    return narrowed
+
+
 def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float = 0.0) -> float:
     """The largest ``|mean| * rstd`` of the (sample, channel) statistics of CPU ``x`` (entries
     with rstd = inf, constant channels of statistics without eps, and NaN excepted);
@@ -447,17 +546,29 @@ def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float =
     where reading it would synchronize."""
     if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
         return unknown
-    return _largest_product(mean, rstd)
+    return _largest_product(mean, rstd, x)
 
 
-def _largest_product(mean: Tensor, rstd: Tensor) -> float:
-    """:func:`_largest_mean_to_std` of statistics whose values can be read."""
+def _largest_product(mean: Tensor, rstd: Tensor, x: Tensor) -> float:
+    """:func:`_largest_mean_to_std` of statistics whose values can be read. Where a mean is not
+    finite or an rstd is 0 or NaN (a variance that overflowed), :func:`_overflowed` first."""
+    if mean.numel() == 0:
+        return 0.0
     if mean.numel() <= _FEW_STATISTICS:
-        pairs = zip(mean.reshape(-1).tolist(), rstd.reshape(-1).tolist(), strict=True)
-        return _finite_max(abs(m) * r for m, r in pairs)
+        means, rstds = mean.reshape(-1).tolist(), rstd.reshape(-1).tolist()
+        if not math.isfinite(sum(means)) or math.isnan(sum(rstds)) or min(rstds) <= 0:
+            _overflowed(x)
+        return _finite_max(abs(m) * r for m, r in zip(means, rstds, strict=True))
     # In float64, like the Python floats above: no overflow to inf, which counts as nothing.
-    ratio = (mean.double().abs() * rstd.double()).nan_to_num_(0.0, 0.0, 0.0)
-    return float(ratio.amax()) if ratio.numel() else 0.0
+    size, rstd = mean.double().abs(), rstd.double()
+    ratio = (size * rstd).nan_to_num_(0.0, 0.0, 0.0)
+    # Plus 0 * |mean| * std, which is NaN where a mean is not finite or an rstd is 0 or NaN
+    # (0 where rstd = inf): one op, no second reduction.
+    largest = float(ratio.add_(size / rstd, alpha=0.0).amax())
+    if math.isfinite(largest):
+        return largest
+    _overflowed(x)
+    return float((size * rstd).nan_to_num_(0.0, 0.0, 0.0).amax())
 
 
 def _largest_mean_to_spread(
@@ -471,19 +582,25 @@ def _largest_mean_to_spread(
     count."""
     if x.device.type != "cpu" or _values_unknown(x, mean, var):
         return unknown
-    return _largest_spread_ratio(mean, var, eps)
+    return _largest_spread_ratio(mean, var, eps, x)
 
 
-def _largest_spread_ratio(mean: Tensor, var: Tensor, eps: float) -> float:
-    """:func:`_largest_mean_to_spread` of statistics whose values can be read."""
+def _largest_spread_ratio(mean: Tensor, var: Tensor, eps: float, x: Tensor) -> float:
+    """:func:`_largest_mean_to_spread` of statistics whose values can be read (an infinite or
+    NaN variance or mean: :func:`_overflowed`)."""
     if mean.numel() <= _FEW_STATISTICS:
-        return _largest_ratio(mean.reshape(-1).tolist(), var.reshape(-1).tolist(), eps)
+        return _largest_ratio(mean.reshape(-1).tolist(), var.reshape(-1).tolist(), eps, x)
     var = var.double()  # eps in float64 too (1e-50 is 0 in float32)
-    return _largest_product(mean, torch.rsqrt(torch.where(var > 0, var, eps)))
+    # (A NaN variance stays NaN, so that its rstd does.)
+    return _largest_product(mean, torch.rsqrt(torch.where(var <= 0, eps, var)), x)
 
 
-def _largest_ratio(means: list[float], variances: Iterable[float], eps: float) -> float:
-    """:func:`_largest_mean_to_spread` of statistics read as Python floats."""
+def _largest_ratio(means: list[float], variances: Iterable[float], eps: float, x: Tensor) -> float:
+    """:func:`_largest_mean_to_spread` of statistics read as Python floats (an infinite or NaN
+    variance or mean: :func:`_overflowed`)."""
+    variances = list(variances)
+    if not math.isfinite(sum(means) + sum(variances)):
+        _overflowed(x)
     root_eps = math.sqrt(eps) if eps >= 0 else math.nan  # torch's kernels allow eps < 0
 
     def ratio(m: float, v: float) -> float:
@@ -500,9 +617,19 @@ def _largest_mean_to_spread_of_rstd(mean: Tensor, rstd: Tensor, eps: float, x: T
     if x.device.type != "cpu" or _values_unknown(x, mean, rstd):
         return 0.0
     if mean.numel() > _FEW_STATISTICS:  # (the device and value checks are done)
-        return _largest_spread_ratio(mean, _var_of_rstd(rstd, eps), eps)
+        return _largest_spread_ratio(mean, _var_of_rstd(rstd, eps), eps, x)
     variances = (1.0 / (r * r) - eps if r != 0 else math.inf for r in rstd.reshape(-1).tolist())
-    return _largest_ratio(mean.reshape(-1).tolist(), variances, eps)
+    return _largest_ratio(mean.reshape(-1).tolist(), variances, eps, x)
+
+
+def _check_finite(var: Tensor, x: Tensor) -> None:
+    """:func:`_overflowed` where the variances of CPU ``x`` (or their sum) are not finite, for
+    the paths that read no |mean| / std (one reduction and a read, about 2 us); nothing where
+    values cannot be read or reading them would synchronize."""
+    if x.device.type != "cpu" or _values_unknown(x, var):
+        return
+    if not math.isfinite(float(var.sum())):
+        _overflowed(x)
 
 
 def _var_of_rstd(rstd: Tensor, eps: float) -> Tensor:
@@ -597,6 +724,7 @@ class _MeanVar(torch.autograd.Function):
             # Small channels_last: the corrected two-pass in whole-tensor ops on its layout.
             mean, var = _formula_mean_var(x.to(compute_dtype(x.dtype)))
             mean, var = mean.reshape(n, c), var.reshape(n, c)
+            _check_finite(var, x)
         else:
             acc = compute_dtype(x.dtype)
             # One copy at most (Tensor.to ignores memory_format when it does not copy).
@@ -696,6 +824,7 @@ def _weighted_mean_var(
     spread = ((weighted * centered).sum(dims) - total * shift.square()).clamp_min(0.0)
     var = spread / (total - correction)
     mean = mean + shift
+    _check_finite(var.detach(), x)
     if empty is not None:
         # The unmasked statistics there: the caller multiplies by the (zero) mask, so they do not
         # change its output, and they keep the mask's gradient what it would be for the whole map
@@ -902,6 +1031,7 @@ def _check_correction(correction: object) -> float:
     return float(correction)
 
 
+@_float64_on_overflow
 def mean_var(
     x: Tensor, *, correction: float = 0, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -929,7 +1059,10 @@ def mean_var(
 
     The reduction is stable (no :math:`E[x^2]-E[x]^2` cancellation): one pass of torch's
     group-norm kernel, or two on a large channels_last input's own layout, refined by a
-    corrected pass at large means; so features with a large mean keep their variance.
+    corrected pass at large means; so features with a large mean keep their variance. On the
+    CPU, from 4096 values, finite float32 or bfloat16 features whose float32 sum of squares
+    overflows (:math:`M \sigma^2` above 3.4e38) are reduced again in float64 (the variance
+    then rounds to inf only where it exceeds float32's range).
 
     Example:
         >>> x = torch.randn(2, 3, 8, 8)
@@ -946,6 +1079,7 @@ def mean_var(
     return mean.to(x.dtype), var.to(x.dtype)
 
 
+@_float64_on_overflow
 def mean_std(
     x: Tensor, *, eps: float = 1e-5, correction: float = 0, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
