@@ -313,6 +313,25 @@ def test_compiled_cin_rejects_out_of_range_ids(compiler, bad: int):
 
 
 @_ignore_jit_deprecation
+def test_compiled_cin_names_an_out_of_range_int_style(compiler):
+    """An int style id past the bank, compiled with fullgraph=True: dynamo refuses every raised
+    exception there, but its message carries ours (the id was a symbolic int, which our message
+    could not format: dynamo's BUILD_STRING error, without it). Without fullgraph, our
+    IndexError itself."""
+    layer = stylenorm.ConditionalInstanceNorm2d(4, 3)
+    x = torch.randn(2, 4, 8, 8)
+    compiled, _ = compiler(layer)
+    compiled(x, 1)
+    compiled(x, 2)  # a second int: dynamo makes the id symbolic
+    message = "style id 7 is out of range for num_styles=3"
+    with pytest.raises(Exception, match=message):
+        compiled(x, 7)
+    torch._dynamo.reset()
+    with pytest.raises(IndexError, match=message):
+        torch.compile(layer, backend=_backend())(x, 7)
+
+
+@_ignore_jit_deprecation
 def test_compile_losses(compiler):
     """Gram, mean/std, MMD (closed form and Gaussian) and StyleLoss (a convention and per-layer
     weights), with a mask: one graph, the eager values and input gradients."""

@@ -1215,7 +1215,7 @@ def _cin_select(
     if isinstance(style, int):
         if not 0 <= style < num_styles:
             raise IndexError(
-                f"style id {style} is out of range for num_styles={num_styles} "
+                f"style id {int(style)} is out of range for num_styles={num_styles} "
                 f"(valid ids are 0 to {num_styles - 1})"
             )
         return weight[style], None if bias is None else bias[style]
