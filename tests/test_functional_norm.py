@@ -1154,7 +1154,7 @@ def test_instance_norm_of_nan_or_infinite_input_is_not_computed_again(
     monkeypatch: pytest.MonkeyPatch,
 ):
     """Non-finite input makes non-finite statistics of its own: no float64 pass, torch.nn's NaN."""
-    monkeypatch.setattr(stats, "_in_float64", _refuse_float64)
+    monkeypatch.setattr(stats, "_widened", _refuse_float64)
     for bad in (math.nan, math.inf):
         for shape in ((2, 4, 16, 16), (4, 32, 32, 32)):
             x = torch.randn(shape)
@@ -1176,7 +1176,7 @@ def test_hard_finite_input_is_not_computed_again_in_float64(
 ):
     """Constant channels (with and without eps), |mean| / std of 1e6, tiny spreads, half
     precision, one position and zero eps keep their float32 paths."""
-    monkeypatch.setattr(stats, "_in_float64", _refuse_float64)
+    monkeypatch.setattr(stats, "_widened", _refuse_float64)
     gen = torch.Generator().manual_seed(0)
     for shape in ((2, 4, 4, 4), (2, 16, 32, 32), (4, 32, 32, 32)):
         base = torch.randn(shape, generator=gen)
@@ -1192,5 +1192,46 @@ def test_hard_finite_input_is_not_computed_again_in_float64(
                 y.sum().backward()
                 assert not bool(y.isnan().any())
                 functional.instance_norm(xs, eps=0.0)
+                functional.instance_norm(xs * 1e-3, eps=-1e-5)  # NaN where var + eps < 0
                 stats.mean_std(xs, eps=0.0)
                 stats.mean_var(xs)
+    # Variances that are each finite but whose float32 total is not (M sigma^2 = 1.6e38).
+    x = torch.randn(16, 16, 4, 4, generator=gen) * 2e18
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    for mask in (None, torch.rand(16, 1, 4, 4, generator=gen) + 0.5):
+        stats.mean_var(x, mask=mask)
+    functional.instance_norm(x)
+
+
+def test_overflow_recompute_takes_keyword_arguments_and_transforms():
+    """The float64 recompute binds the call's own arguments (the features passed by name too),
+    and updates running statistics in place under torch.func.grad, captured ones included."""
+    gen = torch.Generator().manual_seed(9)
+    x = (1e30 * torch.randn(4, 32, 32, 32, generator=gen, dtype=torch.float64)).float()
+    style = torch.randn(4, 32, 8, 8, generator=gen)
+    np.testing.assert_allclose(
+        _np(functional.instance_norm(input=x)), reference.instance_norm(_np(x)), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        _np(functional.adain(content=x, style=style)),
+        reference.adain(_np(x), _np(style)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    mean, std = stats.mean_std(x=x)
+    mean_ref, std_ref = reference.mean_std(_np(x))
+    np.testing.assert_allclose(_np(mean), mean_ref, rtol=1e-5, atol=1e-5 * np.abs(mean_ref).max())
+    np.testing.assert_allclose(_np(std), std_ref, rtol=1e-6)
+
+    running_mean, running_var = torch.zeros(32), torch.ones(32)
+
+    def loss(weight: torch.Tensor) -> torch.Tensor:
+        y = functional.instance_norm(x / 1e12, running_mean, running_var, weight=weight)
+        return (y * y.detach()).sum()
+
+    grad = torch.func.grad(loss)(torch.ones(32))
+    np.testing.assert_allclose(_np(grad), 32 * 32 * 4 * np.ones(32), rtol=1e-4)  # sums of x_hat^2
+    expected = reference.instance_norm_running_stats(_np(x / 1e12), np.zeros(32), np.ones(32))
+    np.testing.assert_allclose(_np(running_mean), expected[0], rtol=1e-5)
+    np.testing.assert_allclose(_np(running_var), expected[1], rtol=1e-5)

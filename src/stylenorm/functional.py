@@ -759,7 +759,7 @@ def _grads_by_recomputation(
     return out[0], out[1], out[2], None
 
 
-@stats._float64_on_overflow
+@stats._float64_on_overflow("running_mean", "running_var")
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,
@@ -1249,7 +1249,7 @@ def _cin_select(
     return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
 
 
-@stats._float64_on_overflow
+@stats._float64_on_overflow()
 def conditional_instance_norm(
     input: Tensor,
     style: int | Tensor,
@@ -1608,7 +1608,7 @@ def _adain_apply(content: Tensor, terms: list[_AdaINTerm]) -> Tensor:
     return torch.addcmul(shift, content, scale)
 
 
-@stats._float64_on_overflow
+@stats._float64_on_overflow()
 def adain(
     content: Tensor,
     style: Tensor | Sequence[Tensor] | None = None,
@@ -1724,7 +1724,7 @@ def adain(
     return _adain_apply(content, [term])
 
 
-@stats._float64_on_overflow
+@stats._float64_on_overflow()
 def adain_regions(
     content: Tensor,
     regions: Sequence[StyleRegion | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor | None]],

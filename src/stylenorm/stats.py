@@ -25,6 +25,7 @@ Half and bfloat16 inputs are reduced in float32; results come back in the input'
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import threading
 import types
@@ -453,89 +454,81 @@ class _Overflow(Exception):
 _RESCUE = threading.local()
 
 
-def _overflowed(x: Tensor) -> None:
+def _overflowed(x: Tensor | None) -> None:
     r"""Called where some statistic of ``x`` came out infinite or NaN. A float32 (or bfloat16)
     sum of squares overflows once :math:`M \sigma^2` passes 3.4e38, from :math:`\sigma` about
     3e17 at 64x64 positions: the variance becomes inf (1/sigma 0, so the output is its shift,
     as torch.nn's) or, in the group-norm kernel's E[x^2] - E[x]^2, NaN. Where ``x`` itself is
     finite and a caller can compute again in float64 (:func:`_float64_on_overflow`), raise
-    :class:`_Overflow`; otherwise (NaN or infinite input, float64, no such caller) return,
-    and the statistics stand."""
+    :class:`_Overflow`; otherwise (no ``x``, NaN or infinite input, float64, no such caller)
+    return, and the statistics stand."""
     if (
-        getattr(_RESCUE, "depth", 0) > 0
+        x is not None
+        and getattr(_RESCUE, "depth", 0) > 0
         and x.dtype in (torch.float32, torch.bfloat16)
         and bool(torch.isfinite(x).all())
     ):
         raise _Overflow
 
 
-def _float64_on_overflow(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Wrap a public function of a features input (its first argument) so that where its float32
+def _float64_on_overflow(*keep: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Wrap a public function of a features input (its first parameter) so that where its float32
     statistics overflow on finite input (:func:`_overflowed`), it runs again with every
     floating-point tensor argument in float64 (no float32 or bfloat16 input can overflow
-    there), and its tensor results come back in the input's dtype. Running statistics updated
-    in place by that call are copied back into the caller's buffers. Gradients flow through
-    the casts. Costs nothing but a counter where nothing overflows; under torch.compile, which
-    reads no statistics, the function runs as it is."""
+    there), except the parameters named in ``keep`` (running statistics, which the call updates
+    in place in their own dtype, under torch.func transforms too), and its tensor results come
+    back in the input's dtype. Gradients flow through the casts. Costs nothing but a counter
+    where nothing overflows; under torch.compile, which reads no statistics, the function runs
+    as it is."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if _is_compiling():
-            return fn(*args, **kwargs)
-        _RESCUE.depth = getattr(_RESCUE, "depth", 0) + 1
-        try:
-            return fn(*args, **kwargs)
-        except _Overflow:
-            pass
-        finally:
-            _RESCUE.depth -= 1
-        return _in_float64(fn, args, kwargs)
+    def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        signature = inspect.signature(fn)
+        features = next(iter(signature.parameters))
 
-    return wrapper
+        @functools.wraps(fn)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            if _is_compiling():
+                return fn(*args, **kwargs)
+            _RESCUE.depth = getattr(_RESCUE, "depth", 0) + 1
+            try:
+                return fn(*args, **kwargs)
+            except _Overflow:
+                pass
+            finally:
+                _RESCUE.depth -= 1
+            bound = signature.bind(*args, **kwargs)
+            dtype = bound.arguments[features].dtype
+            for name, value in bound.arguments.items():
+                if name not in keep:
+                    bound.arguments[name] = _widened(value)
+            return _narrowed(fn(*bound.args, **bound.kwargs), dtype)  # type: ignore[arg-type]
+
+        return wrapper
+
+    return decorate
 
 
-def _in_float64(fn: Callable[..., _R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _R:
-    """``fn(*args, **kwargs)`` with floating-point tensors (also in lists, tuples and named
-    tuples) in float64, results in the first argument's dtype; see :func:`_float64_on_overflow`."""
-    dtype = args[0].dtype
-    copies: list[tuple[Tensor, Tensor, int | None]] = []
+def _widened(value: Any) -> Any:
+    """Floating-point tensors, also in lists, tuples and named tuples, in float64."""
+    if isinstance(value, Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, list):
+        return [_widened(v) for v in value]
+    if isinstance(value, tuple):
+        items = [_widened(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
 
-    def widen(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            if not value.is_floating_point() or value.dtype == torch.float64:
-                return value
-            wide = value.double()
-            # (Tensors made in inference mode keep no version counter.)
-            copies.append((value, wide, None if wide.is_inference() else wide._version))
-            return wide
-        if isinstance(value, list):
-            return [widen(v) for v in value]
-        if isinstance(value, tuple):
-            items = [widen(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-        return value
 
-    result = fn(*widen(args), **{key: widen(v) for key, v in kwargs.items()})
-    with torch.no_grad():
-        for original, wide, version in copies:
-            # A running statistic, updated in place (inputs are never written to).
-            if version is None:
-                changed = not torch.equal(wide.to(original.dtype), original)
-            else:
-                changed = wide._version != version
-            if changed:
-                original.copy_(wide)
-
-    def narrow(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return value.to(dtype) if value.is_floating_point() else value
-        if isinstance(value, tuple):
-            items = [narrow(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-        return value
-
-    narrowed: _R = narrow(result)
-    return narrowed
+def _narrowed(value: _R, dtype: torch.dtype) -> _R:
+    """Floating-point tensors (also in tuples) in ``dtype``."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value  # type: ignore[return-value]
+    if isinstance(value, tuple):
+        items = [_narrowed(v, dtype) for v in value]
+        narrowed = type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        return narrowed  # type: ignore[return-value]
+    return value
 
 
 def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float = 0.0) -> float:
@@ -549,9 +542,10 @@ def _largest_mean_to_std(mean: Tensor, rstd: Tensor, x: Tensor, unknown: float =
     return _largest_product(mean, rstd, x)
 
 
-def _largest_product(mean: Tensor, rstd: Tensor, x: Tensor) -> float:
+def _largest_product(mean: Tensor, rstd: Tensor, x: Tensor | None) -> float:
     """:func:`_largest_mean_to_std` of statistics whose values can be read. Where a mean is not
-    finite or an rstd is 0 or NaN (a variance that overflowed), :func:`_overflowed` first."""
+    finite or an rstd is 0 or NaN (a variance that overflowed), :func:`_overflowed` first (not
+    with ``x`` None: a negative eps makes NaN rstds of its own)."""
     if mean.numel() == 0:
         return 0.0
     if mean.numel() <= _FEW_STATISTICS:
@@ -592,14 +586,16 @@ def _largest_spread_ratio(mean: Tensor, var: Tensor, eps: float, x: Tensor) -> f
         return _largest_ratio(mean.reshape(-1).tolist(), var.reshape(-1).tolist(), eps, x)
     var = var.double()  # eps in float64 too (1e-50 is 0 in float32)
     # (A NaN variance stays NaN, so that its rstd does.)
-    return _largest_product(mean, torch.rsqrt(torch.where(var <= 0, eps, var)), x)
+    watched = x if eps >= 0 else None
+    return _largest_product(mean, torch.rsqrt(torch.where(var <= 0, eps, var)), watched)
 
 
 def _largest_ratio(means: list[float], variances: Iterable[float], eps: float, x: Tensor) -> float:
     """:func:`_largest_mean_to_spread` of statistics read as Python floats (an infinite or NaN
     variance or mean: :func:`_overflowed`)."""
     variances = list(variances)
-    if not math.isfinite(sum(means) + sum(variances)):
+    # (A negative eps, which torch's kernels allow, makes NaN variances of its own.)
+    if eps >= 0 and not math.isfinite(sum(means) + sum(variances)):
         _overflowed(x)
     root_eps = math.sqrt(eps) if eps >= 0 else math.nan  # torch's kernels allow eps < 0
 
@@ -628,7 +624,7 @@ def _check_finite(var: Tensor, x: Tensor) -> None:
     values cannot be read or reading them would synchronize."""
     if x.device.type != "cpu" or _values_unknown(x, var):
         return
-    if not math.isfinite(float(var.sum())):
+    if not math.isfinite(float(var.sum(dtype=torch.float64))):
         _overflowed(x)
 
 
@@ -1031,7 +1027,7 @@ def _check_correction(correction: object) -> float:
     return float(correction)
 
 
-@_float64_on_overflow
+@_float64_on_overflow()
 def mean_var(
     x: Tensor, *, correction: float = 0, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -1079,7 +1075,7 @@ def mean_var(
     return mean.to(x.dtype), var.to(x.dtype)
 
 
-@_float64_on_overflow
+@_float64_on_overflow()
 def mean_std(
     x: Tensor, *, eps: float = 1e-5, correction: float = 0, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
