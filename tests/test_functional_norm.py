@@ -1235,3 +1235,29 @@ def test_overflow_recompute_takes_keyword_arguments_and_transforms():
     expected = reference.instance_norm_running_stats(_np(x / 1e12), np.zeros(32), np.ones(32))
     np.testing.assert_allclose(_np(running_mean), expected[0], rtol=1e-5)
     np.testing.assert_allclose(_np(running_var), expected[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [1e4, 1e8])
+def test_small_input_with_a_constant_channel_at_a_large_value_recording_a_gradient(value: float):
+    """Below 2^18 values with a gradient, torch.nn's batch-norm form x * a + (bias - mean * a)
+    cancels on a constant channel at a large value (0.05 off its bias at 1e4, 969 at 1e8 with
+    weight 2): above the refining bound ours is formed on x - mean, the bias exactly; AdaIN
+    (the same route) gives the style mean. Gradients as float64's."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    x[:, 0] = value
+    weight, bias = torch.tensor([2.0, 0.7, 1.3]), torch.tensor([0.5, -1.0, 0.25])
+    w, b, xg = weight.clone().requires_grad_(), bias.clone().requires_grad_(), x.clone()
+    xg.requires_grad_()
+    y = functional.instance_norm(xg, weight=w, bias=b)
+    np.testing.assert_allclose(_np(y), reference.instance_norm(_np(x), _np(w), _np(b)), atol=1e-5)
+    grad = torch.randn(x.shape, generator=gen)
+    y.backward(grad)
+    inputs = [t.double().requires_grad_() for t in (x, weight, bias)]
+    F.instance_norm(inputs[0], weight=inputs[1], bias=inputs[2]).backward(grad.double())
+    for ours, ref in zip((xg, w, b), inputs, strict=True):
+        assert ours.grad is not None and ref.grad is not None
+        _assert_close_at_scale(ours.grad, ref.grad, 1e-5)
+    style = torch.randn(2, 3, 8, 8, generator=gen) * 2 + 10
+    out = functional.adain(x.clone().requires_grad_(), style)
+    np.testing.assert_allclose(_np(out), reference.adain(_np(x), _np(style)), atol=1e-5)

@@ -940,3 +940,51 @@ def test_tracked_instance_norm_where_float32_squares_overflow(inference: bool, l
     np.testing.assert_allclose(layer.running_mean.double().numpy(), mean_ref, rtol=1e-6)
     assert (var_ref > np.finfo(np.float32).max).all()  # about 1e59: inf in float32
     assert bool(torch.isinf(layer.running_var).all())
+
+
+@pytest.mark.parametrize("cls", ["InstanceNorm1d", "BatchNorm1d"])
+def test_infinite_running_variance_stays_inf_like_torch(cls: str):
+    """A running variance that overflowed to inf stays inf at the next step, as torch.nn's
+    (1 - m) r + m s; the lerp form r + m (s - r) made it NaN (inf - inf), and NaN for good."""
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(1)) * 1e20
+    kwargs: dict[str, Any] = (
+        {"track_running_stats": True} if cls == "InstanceNorm1d" else {"momentum": None}
+    )
+    ours, theirs = getattr(stylenorm, cls)(3, **kwargs), getattr(nn, cls)(3, **kwargs)
+    for _ in range(3):
+        ours(x), theirs(x)
+    assert torch.equal(ours.running_var, theirs.running_var)
+    assert bool(torch.isinf(ours.running_var).all())
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (4, 32, 32, 32)])
+def test_instance_norm_with_zero_eps_like_torch(layout: str, shape: tuple[int, ...]):
+    """eps=0: a constant channel's 1/sigma is taken as 0 by torch's kernel (output the bias,
+    gradients 0; ours gave NaN), and a spread of 1e-20 keeps finite gradients; CIN alike."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=gen)
+    x[:, 0] = 3.7
+    x[:, 1] *= 1e-20
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=gen)
+    results = []
+    for layer in (
+        stylenorm.InstanceNorm2d(shape[1], eps=0.0, affine=True),
+        nn.InstanceNorm2d(shape[1], eps=0.0, affine=True),
+    ):
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        y.backward(grad)
+        results.append((y, xg.grad, layer.weight.grad, layer.bias.grad))
+    for ours, theirs in zip(*results, strict=True):
+        assert ours is not None and theirs is not None
+        assert bool(ours.isfinite().all())
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    cin = stylenorm.ConditionalInstanceNorm2d(shape[1], 2, eps=0.0)
+    ids = torch.zeros(shape[0], dtype=torch.long)
+    torch.testing.assert_close(cin(x, ids), results[1][0], rtol=1e-5, atol=1e-5)
+    single = x[:, :, :1, :1]  # one position: every channel constant
+    torch.testing.assert_close(cin(single, ids), torch.zeros_like(single))

@@ -76,12 +76,16 @@ def _update_running_stats(
             _lerp_into(plain_buffer, plain_value, momentum)
 
 
-def _lerp_into(buffer: Tensor, value: Tensor, momentum: float) -> None:
+def _lerp_into(buffer: Tensor, value: Tensor, momentum: float | Tensor) -> None:
+    """``buffer <- (1 - momentum) buffer + momentum value`` in place, in the compute dtype, as
+    torch's kernels form it: an infinite running variance stays inf (``lerp``'s
+    ``r + m (v - r)`` made it NaN, inf - inf, and every later step too)."""
     acc = stats.compute_dtype(buffer.dtype)
-    if buffer.dtype == acc == value.dtype:
-        buffer.lerp_(value, momentum)  # the same kernel in place: one op, not two
-    else:
-        buffer.copy_(torch.lerp(buffer.to(acc), value.to(acc), momentum))
+    if buffer.dtype == acc == value.dtype and not isinstance(momentum, Tensor):
+        buffer.mul_(1.0 - momentum).add_(value, alpha=momentum)
+        return
+    weight = momentum.to(acc) if isinstance(momentum, Tensor) else momentum
+    buffer.copy_(buffer.to(acc) * (1 - weight) + value.to(acc) * weight)
 
 
 # torch's error for tracked running statistics of a norm under vmap (its batch rule's words).
@@ -545,6 +549,20 @@ def _formula_fits(x: Tensor, *params: Tensor | None) -> bool:
     )
 
 
+def _batch_norm_instances(
+    x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float
+) -> Tensor:
+    """Instance norm of contiguous ``x`` as torch.nn computes it: torch's batch-norm kernel in
+    training mode on the ``(1, N*C, M)`` view, with its gradient. Also where ``eps <= 0``: the
+    kernel takes a constant channel's 1/sigma as 0 when ``var + eps`` is 0 (output the shift,
+    gradients 0, as torch.nn's), where the group-norm kernel and the closed forms give NaN."""
+    n, c = x.shape[0], x.shape[1]
+    weight, bias = _per_instance(scale, n, c), _per_instance(shift, n, c)
+    flat = x.view(1, n * c, -1)
+    training = torch.batch_norm(flat, weight, bias, None, None, True, 0.0, eps, False)
+    return training.view(x.shape)
+
+
 def _contiguous_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float) -> Tensor:
     """The output of :func:`_contiguous_norm_and_stats`."""
     return _contiguous_norm_and_stats(x, scale, shift, eps, False)[0]
@@ -569,6 +587,8 @@ def _contiguous_norm_and_stats(
     ``stats._REFINE_ABOVE_RATIO``), the biased statistics ``(mean, var)``, ``(N, C)`` without
     gradient, for running averages; else None."""
     x = x.contiguous()
+    if eps <= 0:
+        return _batch_norm_instances(x, scale, shift, eps), None
     y, mean, rstd = _group_norm_instances(x, scale, shift, eps)
     if x.device.type != "cpu":  # the check below would synchronize: no precise path there
         return y, None
@@ -580,17 +600,15 @@ def _contiguous_norm_and_stats(
     if ratio <= bound:
         return y, _stats_of_rstd(mean, rstd, eps, x.dtype) if want_stats else None
     n, c = x.shape[0], x.shape[1]
-    if recording and x.numel() < _CONTIGUOUS_NORM_MIN_NUMEL:
-        # Small: torch.nn's own way, batch norm of the (1, N*C, M) view (the Function's fixed
-        # cost in Python is more than it saves here).
-        weight, bias = _per_instance(scale, n, c), _per_instance(shift, n, c)
-        flat = x.view(1, n * c, -1)
-        training = torch.batch_norm(flat, weight, bias, None, None, True, 0.0, eps, False)
-        return training.view(x.shape), None
+    refine = ratio > stats._REFINE_ABOVE_RATIO
+    if recording and x.numel() < _CONTIGUOUS_NORM_MIN_NUMEL and not refine:
+        # Small: torch.nn's own way (the Function's fixed cost in Python is more than it saves
+        # here). Not above the refining bound, where its output, x * a + (shift - mean * a),
+        # cancels: a constant channel at 1e4 came out 0.05 off its shift, at 1e8 969 off.
+        return _batch_norm_instances(x, scale, shift, eps), None
     full_scale = None if scale is None else scale.expand(n, c)
     full_shift = None if shift is None else shift.expand(n, c)
     first = (y.detach(), mean.detach(), rstd.detach())  # no second group-norm pass
-    refine = ratio > stats._REFINE_ABOVE_RATIO
     if recording:
         result: tuple[Tensor, Tensor, Tensor] = stats._apply(
             _ContiguousNorm, x, full_scale, full_shift, eps, first, refine
@@ -879,11 +897,13 @@ def instance_norm(
     on_own_layout = None
     # Parameters of another dtype go to torch's kernel below, which raises torch's error.
     dtypes_match = _kernel_dtypes_match(input, weight, bias)
-    if dtypes_match and _formula_fits(input, weight, bias):
+    # eps <= 0 takes torch.nn's kernel (:func:`_contiguous_norm_and_stats`) in every layout.
+    if dtypes_match and eps > 0 and _formula_fits(input, weight, bias):
         # Compiled with a gradient, or small without one: the formula on the input's layout.
         on_own_layout = _formula_norm(input, weight, bias, eps)
     elif (
         dtypes_match
+        and eps > 0
         and stats._blockwise_channels_last(input, weight, bias)
         and _plain_autograd(input, weight, bias)
     ):
@@ -1121,6 +1141,8 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     # The group-norm kernel refuses one value per group; the statistics path gives y = shift.
     single_position = all(size == 1 for size in x.shape[2:])
     if layout != torch.contiguous_format and not single_position:
+        if eps <= 0:  # torch's batch-norm kernel (:func:`_batch_norm_instances`), contiguous
+            return _in_layout(_cin_normalize(x.contiguous(), scale, shift, eps), layout)
         if _formula_fits(x, scale, shift):
             return _formula_norm(x, scale, shift, eps)[0]
         if not stats._blockwise_channels_last(x, scale, shift) or not _plain_autograd(
@@ -1142,6 +1164,8 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
     # x * a, with a up to 1 / sqrt(eps)).
     mean, var = stats._mean_var(x, 0.0, None)
     a = torch.rsqrt(var + eps)
+    if eps == 0:  # 1/sigma of the constant channel taken as 0, as torch's kernels do
+        a = torch.where(var == 0, 0.0, a)
     if scale is not None:
         a = a * scale
     rank = x.dim()

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
-from . import functional, stats
+from . import functional
 
 __all__ = [
     "BatchNorm1d",
@@ -168,8 +168,7 @@ class _BatchNorm(_TorchBatchNorm):
         with torch.no_grad():
             for buffer, value in ((running_mean, batch_mean), (running_var, batch_var)):
                 if buffer is not None and value is not None:
-                    acc = stats.compute_dtype(buffer.dtype)
-                    buffer.copy_(torch.lerp(buffer.to(acc), value.to(acc), factor.to(acc)))
+                    functional._lerp_into(buffer, value, factor)
         return out
 
 
