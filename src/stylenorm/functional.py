@@ -574,13 +574,14 @@ def _contiguous_norm_and_stats(
     r"""Instance norm of ``x`` (made contiguous) with ``scale``/``shift`` None, ``(C,)`` or
     ``(N, C)``: torch's group-norm kernel, one group per (sample, channel), with its own
     gradient; where some (sample, channel) has a large |mean| / std, :class:`_ContiguousNorm`
-    (or, for small inputs, torch.nn's batch norm of the ``(1, N*C, M)`` view), whose statistics
-    and gradient do not lose digits there. The bound is
-    ``_PRECISE_GRADIENT_ABOVE_RATIO`` where a gradient is recorded, and
-    ``stats._REFINE_ABOVE_RATIO`` (where the forward's 1/sigma starts to lose digits) where not.
-    Off the CPU (CUDA), where reading the statistics would synchronize, the group norm stands.
-    Under torch.func transforms (:func:`_plain_autograd`) and torch.compile, which cannot branch
-    on values, the group norm stands.
+    (or, for small inputs up to ``stats._REFINE_ABOVE_RATIO``, torch.nn's batch norm of the
+    ``(1, N*C, M)`` view, :func:`_batch_norm_instances`), whose statistics and gradient do not
+    lose digits there. The bound is ``_PRECISE_GRADIENT_ABOVE_RATIO`` where a gradient is
+    recorded, and ``stats._REFINE_ABOVE_RATIO`` (where the forward's 1/sigma starts to lose
+    digits) where not. Off the CPU (CUDA), where reading the statistics would synchronize, the
+    group norm stands. Under torch.func transforms (:func:`_plain_autograd`) and torch.compile,
+    which cannot branch on values, the group norm stands. ``eps <= 0`` takes
+    :func:`_batch_norm_instances` on every device.
 
     Returns the output and, with ``want_stats`` and where this computed them as precisely as
     :func:`stylenorm.stats.mean_var` would (in the compute dtype, refined above
