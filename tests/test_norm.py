@@ -988,3 +988,21 @@ def test_instance_norm_with_zero_eps_like_torch(layout: str, shape: tuple[int, .
     torch.testing.assert_close(cin(x, ids), results[1][0], rtol=1e-5, atol=1e-5)
     single = x[:, :, :1, :1]  # one position: every channel constant
     torch.testing.assert_close(cin(single, ids), torch.zeros_like(single))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 32, 32), (4, 32, 32, 32)])
+def test_tracked_instance_norm_running_variance_far_below_eps(shape: tuple[int, ...]):
+    """A variance far below eps, recovered from a kernel's 1/sqrt(var + eps) as rstd**-2 - eps,
+    kept only eps's digits (0.25 off, relative, at a spread of 1e-6 with eps 1e-5): such rows
+    are reduced again from the data. Against float64 (torch.nn: 1.5e-4 at 1e-6), and a
+    constant channel's variance exactly 0."""
+    gen = torch.Generator().manual_seed(13)
+    spreads = torch.tensor([1e-3, 1e-4, 1e-6, 0.0]).repeat(shape[1] // 4)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * spreads.view(1, -1, 1, 1) + 0.3
+    x = x.float()
+    layer = stylenorm.InstanceNorm2d(shape[1], track_running_stats=True, momentum=1.0)
+    layer(x)
+    expected = x.double().var((2, 3), unbiased=True).mean(0)
+    got = layer.running_var.double()
+    assert torch.equal(got[3::4], expected[3::4])  # constant channels: 0
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
