@@ -917,14 +917,13 @@ def instance_norm(
     layout = stats._memory_format(input)
     on_own_layout = None
     # Parameters of another dtype go to torch's kernel below, which raises torch's error.
-    dtypes_match = _kernel_dtypes_match(input, weight, bias)
     # eps <= 0 takes torch.nn's kernel (:func:`_contiguous_norm_and_stats`) in every layout.
-    if dtypes_match and eps > 0 and _formula_fits(input, weight, bias):
+    own_routes = _kernel_dtypes_match(input, weight, bias) and eps > 0
+    if own_routes and _formula_fits(input, weight, bias):
         # Compiled with a gradient, or small without one: the formula on the input's layout.
         on_own_layout = _formula_norm(input, weight, bias, eps)
     elif (
-        dtypes_match
-        and eps > 0
+        own_routes
         and stats._blockwise_channels_last(input, weight, bias)
         and _plain_autograd(input, weight, bias)
     ):

@@ -558,11 +558,11 @@ def _largest_product(mean: Tensor, rstd: Tensor, x: Tensor | None) -> float:
     ratio = (size * rstd).nan_to_num_(0.0, 0.0, 0.0)
     # Plus 0 * |mean| * std, which is NaN where a mean is not finite or an rstd is 0 or NaN
     # (0 where rstd = inf): one op, no second reduction.
-    largest = float(ratio.add_(size / rstd, alpha=0.0).amax())
+    largest = float(torch.add(ratio, size / rstd, alpha=0.0).amax())
     if math.isfinite(largest):
         return largest
     _overflowed(x)
-    return float((size * rstd).nan_to_num_(0.0, 0.0, 0.0).amax())
+    return float(ratio.amax())
 
 
 def _largest_mean_to_spread(
