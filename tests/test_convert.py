@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -61,6 +62,30 @@ def test_root_norm_is_replaced_and_others_untouched():
     model = nn.Sequential(sync, lazy, nn.GroupNorm(1, 3))
     converted = to_stylenorm(model)
     assert converted[0] is sync and converted[1] is lazy and type(converted[2]) is nn.GroupNorm
+
+
+@pytest.mark.parametrize(("torch_cls", "ours_cls", "shape"), PAIRS[:2])
+def test_swaps_keep_non_persistent_buffers_and_attributes(torch_cls, ours_cls, shape):
+    """The state_dict stays the original's (a buffer registered non-persistent is not saved
+    after the swap either), and the layer's own attributes (qconfig, a user's tag) carry over,
+    both ways."""
+    layer = torch_cls(3)
+    running_mean = layer.running_mean
+    del layer._buffers["running_mean"]
+    layer.register_buffer("running_mean", running_mean, persistent=False)
+    layer.qconfig = "q"
+    layer.tag = {"stage": 1}
+    keys = list(layer.state_dict())
+    assert "running_mean" not in keys
+    ours = to_stylenorm(nn.Sequential(layer))[0]
+    back = to_torch(nn.Sequential(ours))[0]
+    for converted, cls in ((ours, ours_cls), (back, torch_cls)):
+        assert type(converted) is cls
+        assert list(converted.state_dict()) == keys
+        assert converted.running_mean is running_mean
+        assert converted.qconfig == "q" and converted.tag is layer.tag
+    layer.load_state_dict(ours.state_dict())  # strict, both ways
+    ours.load_state_dict(layer.state_dict())
 
 
 def test_bias_false_and_dtype_kept():
@@ -167,12 +192,26 @@ def test_to_conditional_every_rank_and_root(torch_cls, cin_cls, shape):
     torch.testing.assert_close(converted(x, 1), norm(x))
 
 
+def test_to_conditional_keeps_frozen_parameters_frozen():
+    norm = nn.InstanceNorm2d(3, affine=True)
+    norm.weight.requires_grad_(False)
+    converted = stylenorm.to_conditional(nn.Sequential(norm), 2)[0]
+    assert not converted.weight.requires_grad and converted.bias.requires_grad
+    assert [p.requires_grad for p in stylenorm.style_parameters(converted)] == [False, True]
+
+
 def test_to_conditional_warns_for_tracked_statistics_and_checks_arguments():
     with pytest.warns(UserWarning, match="running statistics"):
         stylenorm.to_conditional(nn.InstanceNorm2d(3, affine=True, track_running_stats=True), 2)
-    for bad in (0, -1, 2.0, True):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match="num_styles"):
             stylenorm.to_conditional(nn.Sequential(), bad)
+    for wrong in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="num_styles"):
+            stylenorm.to_conditional(nn.Sequential(), wrong)
+    # NumPy integers count, as for the layers' constructors.
+    converted = stylenorm.to_conditional(nn.InstanceNorm2d(3, affine=True), np.int64(2))
+    assert converted.weight.shape == (2, 3)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         stylenorm.to_conditional("model", 2)  # type: ignore[arg-type]
 

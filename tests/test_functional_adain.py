@@ -514,6 +514,18 @@ STYLE = _randn(N, C, 4, 4, seed=80)
         ),
         ({"style": STYLE, "alpha": True}, TypeError, "alpha"),
         ({"style": STYLE, "alpha": "1"}, TypeError, "alpha"),
+        ({"style": STYLE, "alpha": float("nan")}, ValueError, "alpha must be finite"),
+        ({"style": STYLE, "alpha": float("inf")}, ValueError, "alpha must be finite"),
+        (
+            {"style": STYLE, "alpha": torch.ones(2, dtype=torch.long)},
+            TypeError,
+            r"alpha must be a number or a floating tensor, got a tensor of dtype torch\.int64",
+        ),
+        (
+            {"style_mean": torch.zeros(3, dtype=torch.long), "style_std": torch.ones(3)},
+            TypeError,
+            r"style_mean must be a floating-point tensor, got a tensor of dtype torch\.int64",
+        ),
         ({"style": STYLE, "alpha": torch.ones(2, dtype=F64)}, ValueError, "alpha"),
         ({"style": STYLE, "eps": -1.0}, ValueError, "eps"),
         ({"style": STYLE, "eps": float("inf")}, ValueError, "eps"),
@@ -525,6 +537,46 @@ def test_errors_name_the_argument(
 ) -> None:
     with pytest.raises(error, match=needle):
         adain(CONTENT, **kwargs)
+
+
+def test_numpy_alpha_is_a_number() -> None:
+    torch.testing.assert_close(
+        adain(CONTENT, STYLE, alpha=np.float32(0.5)), adain(CONTENT, STYLE, alpha=0.5)
+    )
+
+
+@pytest.mark.parametrize("correction", [0, 1])
+def test_eps_zero_is_finite_on_every_route(correction: int) -> None:
+    """With eps = 0 a constant channel has no spread: its 1/sigma counts as 0 (torch's kernels'
+    convention), so the output is the style mean on the fused route, and it was NaN on the
+    masked and region routes, and with correction=1. Now every route gives the style mean, with
+    finite gradients; a one-position region too."""
+    content = torch.randn(2, 3, 4, 4, dtype=F64)
+    content[:, 1] = 7.0  # a constant channel
+    style = torch.randn(2, 3, 5, 5, dtype=F64)
+    ones = torch.ones(1, 1, 4, 4, dtype=F64)
+    style_mean = style.mean((2, 3))
+    routes = {
+        "fused": lambda x: adain(x, style, eps=0.0, correction=correction),
+        "masked": lambda x: adain(x, style, eps=0.0, content_mask=ones, correction=correction),
+        "regions": lambda x: adain_regions(x, [(style, ones)], eps=0.0, correction=correction),
+    }
+    for name, route in routes.items():
+        x = content.clone().requires_grad_()
+        out = route(x)
+        expected = style_mean[:, 1, None, None].expand(2, 4, 4)
+        torch.testing.assert_close(out[:, 1], expected, msg=name)
+        if correction == 0:
+            torch.testing.assert_close(out, adain(content, style, eps=0.0), msg=name)
+        out.square().sum().backward()
+        assert x.grad is not None and bool(x.grad.isfinite().all()), name
+    # One position of a varying map: the region's content has no spread either.
+    point = torch.zeros(1, 1, 4, 4, dtype=F64)
+    point[..., 2, 3] = 1.0
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    out = adain(x, style, eps=0.0, content_mask=point)
+    torch.testing.assert_close(out[..., 2, 3], style_mean)
+    torch.testing.assert_close(out * (1 - point), x * (1 - point))
 
 
 def test_content_errors() -> None:

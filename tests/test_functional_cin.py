@@ -217,6 +217,8 @@ def test_only_selected_rows_get_gradient(style: int | torch.Tensor) -> None:
         (True, TypeError, "style"),
         ("a", TypeError, "style"),
         (1.5, TypeError, "style"),
+        # Per-sample ids as floats are mixing weights of the wrong shape: the message says so.
+        (torch.tensor([0.0, 1.0, 2.0]), ValueError, "must be an integer tensor: style.long()"),
     ],
 )
 def test_style_errors(style: object, error: type[Exception], needle: str) -> None:
@@ -241,6 +243,16 @@ def test_out_of_range_ids_few_and_many(batch: int, bad: int) -> None:
         x.var((2, 3), unbiased=False, keepdim=True) + 1e-5
     ) * weight[ids, :, None, None] + bias[ids, :, None, None]
     torch.testing.assert_close(out, expected)
+
+
+def test_numpy_integer_style_is_an_int() -> None:
+    x, weight, bias = _make()
+    torch.testing.assert_close(
+        conditional_instance_norm(x, np.int64(2), weight, bias),
+        conditional_instance_norm(x, 2, weight, bias),
+    )
+    with pytest.raises(IndexError, match="style id 7"):
+        conditional_instance_norm(x, np.int16(7), weight, bias)
 
 
 def test_bank_and_input_errors() -> None:

@@ -650,6 +650,25 @@ def test_bad_input_rank_and_options() -> None:
         mean_std_loss(X, y, correction=-1)
 
 
+@pytest.mark.parametrize("loss", [gram_loss, mean_std_loss, mmd_loss])
+def test_target_of_another_rank_is_refused(loss: Any) -> None:
+    """A style map without its batch dimension, (C, H, W) for (N, C, H, W) input with N = C =
+    H, passed every other check and was read as C samples of H channels."""
+    x = torch.randn(4, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"target must have the rank of input.*4D, target 3D"):
+        loss(x, torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match="target must have the rank of input"):
+        loss(torch.randn(2, 4, 4), torch.randn(1, 4, 4, 4))
+    assert loss(x, torch.randn(4, 4, 4).unsqueeze(0)).isfinite()
+
+
+def test_too_few_positions_names_the_target() -> None:
+    with pytest.raises(ValueError, match=r"^target has 1 spatial positions, too few"):
+        mean_std_loss(X, torch.randn(1, 3, 1, 1), correction=1)
+    with pytest.raises(ValueError, match=r"^input has 1 spatial positions"):
+        mean_std_loss(torch.randn(2, 3, 1, 1), torch.randn(1, 3, 4, 4), correction=1)
+
+
 def test_gram_masks_must_weight_positions_not_channels() -> None:
     with pytest.raises(ValueError, match=r"mask must weight positions.*\(N or 1, 1, \*spatial\)"):
         gram_matrix(X, mask=torch.ones(2, 3, 4, 4))

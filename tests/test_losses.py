@@ -120,6 +120,10 @@ def test_get_convention_errors_and_passthrough() -> None:
     assert get_convention(custom) is custom
     x, y = _features(1, 2, 3, 3), _features(1, 2, 3, 3, seed=1)
     torch.testing.assert_close(custom(x, y), 2 * gram_loss(x, y, normalize="none"))
+    # Frozen, so hashable: equal conventions hash alike and can key a dict.
+    twin = StyleConvention("mine", "gram", {"normalize": "none"}, scale=2.0)
+    assert twin == custom and hash(twin) == hash(custom)
+    assert len({custom, twin, *CONVENTIONS.values()}) == len(CONVENTIONS) + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +234,14 @@ def test_module_input_errors_name_the_argument() -> None:
         MMDLoss(_features(1, 3, 4, 4), kernel="rbf")
     with pytest.raises(ValueError, match="target_mask must weight positions"):
         GramLoss(_features(1, 3, 4, 4), target_mask=torch.ones(1, 3, 4, 4))
+    for module in (GramLoss, MeanStdLoss, MMDLoss):
+        with pytest.raises(ValueError, match="target must have the rank of input"):
+            module(_features(1, 3, 4))(_features(3, 3, 4, 4))
+    # A layer's target with too few positions for the convention's unbiased variance: the
+    # message names the layer and the target.
+    targets = {"relu1_1": _features(1, 3, 8, 8), "relu5_1": _features(1, 5, 1, 1)}
+    with pytest.raises(ValueError, match=r"^layer 'relu5_1': target has 1 spatial positions"):
+        StyleLoss(targets, loss="adain_pytorch")
 
 
 def test_repr_shows_the_convention() -> None:

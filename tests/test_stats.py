@@ -487,6 +487,20 @@ def test_compute_dtype():
     assert stats.compute_dtype(torch.bfloat16) == torch.float32
     assert stats.compute_dtype(torch.float32) == torch.float32
     assert stats.compute_dtype(torch.float64) == torch.float64
+    for wrong in (torch.int64, torch.complex64, "float32", None):
+        with pytest.raises(TypeError, match=r"dtype must be a floating torch\.dtype"):
+            stats.compute_dtype(wrong)  # type: ignore[arg-type]
+
+
+def test_numpy_numbers_are_numbers_and_tensors_are_not():
+    x = torch.randn(2, 3, 8)
+    expected = stats.mean_std(x, correction=1, eps=1e-3)
+    got = stats.mean_std(x, correction=np.int64(1), eps=np.float32(1e-3))  # type: ignore[arg-type]
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(TypeError, match="eps must be a finite non-negative number, got a tensor"):
+        stats.mean_std(x, eps=torch.tensor(1e-3))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="correction must be a number, got bool"):
+        stats.mean_var(x, correction=True)
 
 
 @pytest.mark.parametrize(

@@ -121,8 +121,12 @@ def test_constructor_argument_types() -> None:
         ConditionalInstanceNorm2d(3, 2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="num_features must be an int, got float"):
         ConditionalInstanceNorm2d(3.0, 2)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="eps must be a finite non-negative number, got 'a'"):
+    with pytest.raises(TypeError, match="eps must be a finite non-negative number, got str"):
         ConditionalInstanceNorm2d(3, 2, eps="a")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got a tensor of dtype torch\.float32"):
+        AdaIN(eps=torch.tensor(1e-5))  # type: ignore[arg-type]
+    # Real numbers of other types (numpy's) are numbers.
+    assert AdaIN(eps=np.float32(1e-3), correction=np.int64(1)).eps == pytest.approx(1e-3)
     # eps = inf would give NaN outputs (inf / inf for a constant channel, 0 * inf), so the
     # style layers refuse it at construction, as they refuse NaN and negative values.
     for eps in (math.inf, math.nan, -1e-5):
@@ -220,7 +224,12 @@ def test_add_styles_errors() -> None:
         m.add_styles(1, "random")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="source"):
         m.add_styles(1, "mean", source=0)
+    with pytest.raises(TypeError, match="count must be an int, got float"):
+        m.add_styles(1.0)  # type: ignore[arg-type]
     assert m.num_styles == 3
+    # NumPy integers are ints, for the count and the source alike.
+    assert m.add_styles(np.int64(1), "copy", source=np.int32(0)) == [3]  # type: ignore[arg-type]
+    torch.testing.assert_close(m.weight[3], m.weight[0])
 
 
 def test_state_dict_recipe_after_growing() -> None:

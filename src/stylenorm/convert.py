@@ -196,6 +196,10 @@ def _swap_norms(
             output._parameters[name] = param
         for name, buffer in module._buffers.items():
             output._buffers[name] = buffer
+        output._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+        # The layer's own attributes too (``qconfig``, a user's tags), but not its hooks.
+        for name, value in vars(module).items():
+            vars(output).setdefault(name, value)
         output.train(module.training)
     _convert_children(output, lambda child: _swap_norms(child, mapping, memo, undo), memo, undo)
     return output
@@ -296,9 +300,8 @@ def to_conditional(model: nn.Module, num_styles: int) -> nn.Module:
         True
     """
     _check_model(model)
-    if isinstance(num_styles, bool) or not isinstance(num_styles, int) or num_styles <= 0:
-        raise ValueError(f"num_styles must be a positive int, got {num_styles!r}")
-    return _converted(model, functools.partial(_conditional, num_styles=num_styles))
+    (count,) = style._positive_sizes(num_styles=num_styles)  # as the layers' constructors
+    return _converted(model, functools.partial(_conditional, num_styles=count))
 
 
 def style_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

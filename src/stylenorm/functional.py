@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
@@ -1203,7 +1204,7 @@ def _cin_normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: f
 def _cin_check_bank(weight: object, bias: object, input: Tensor) -> None:
     num_channels = input.shape[1]
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+        raise TypeError(f"weight must be a floating-point tensor, got {stats._described(weight)}")
     stats._check_device(weight, "weight", input)
     if weight.dim() != 2 or weight.shape[1] != num_channels:
         raise ValueError(
@@ -1212,7 +1213,7 @@ def _cin_check_bank(weight: object, bias: object, input: Tensor) -> None:
         )
     if bias is not None:
         if not isinstance(bias, Tensor) or not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating-point tensor, got {type(bias).__name__}")
+            raise TypeError(f"bias must be a floating-point tensor, got {stats._described(bias)}")
         stats._check_device(bias, "bias", input)
         if bias.shape != weight.shape:
             raise ValueError(
@@ -1256,7 +1257,8 @@ def _cin_select(
     num_styles = weight.shape[0]
     if isinstance(style, bool):
         raise TypeError("style must be an int, an integer tensor or a floating tensor, got bool")
-    if isinstance(style, int):
+    if not isinstance(style, Tensor) and hasattr(type(style), "__index__"):
+        style = operator.index(style)  # NumPy's integers too
         if not 0 <= style < num_styles:
             raise IndexError(
                 f"style id {int(style)} is out of range for num_styles={num_styles} "
@@ -1275,7 +1277,8 @@ def _cin_select(
         if style.shape not in ((num_styles,), (batch, num_styles)):
             raise ValueError(
                 f"style mixing weights must have shape (N, num_styles) = ({batch}, {num_styles}) "
-                f"or (num_styles,) = ({num_styles},), got style of shape {tuple(style.shape)}"
+                f"or (num_styles,) = ({num_styles},), got style of shape {tuple(style.shape)} "
+                f"(per-sample style ids must be an integer tensor: style.long())"
             )
         mix = style.to(device=weight.device, dtype=weight.dtype)  # like the ids below
         return mix @ weight, None if bias is None else mix @ bias
@@ -1316,7 +1319,9 @@ def conditional_instance_norm(
     - a floating tensor ``(N, S)`` or ``(S,)`` of mixing weights :math:`w` (style interpolation,
       Dumoulin et al. 2017 sec. 4): :math:`\gamma_n = \sum_s w_{ns} \gamma_s` and
       :math:`\beta_n = \sum_s w_{ns} \beta_s`, i.e. ``w @ weight`` and ``w @ bias``. The weights
-      are not normalized; use a convex combination to interpolate.
+      are not normalized; use a convex combination to interpolate. A floating tensor is
+      always read as weights, also where ``N = S``: per-sample ids given as floats (from a
+      float collate, say) must be cast first, ``style.long()``.
 
     Only the selected rows (rows with a non-zero mixing weight) receive a non-zero gradient. Ids
     are checked before anything is computed: an id outside ``[0, S)`` raises ``IndexError``.
@@ -1414,7 +1419,7 @@ def _adain_image_stats(
     if s.shape[0] not in (1, content.shape[0]):
         raise _adain_shape_error(name, "have batch size 1 or the content's batch size", s, content)
     mask = None if style_mask is None else stats.check_mask(style_mask, s, mask_name, name)
-    mean, var = stats._mean_var(s, correction, mask, mask_name)
+    mean, var = stats._mean_var(s, correction, mask, mask_name, x_name=name)
     dtype = stats.compute_dtype(content.dtype)
     return mean.to(dtype), (var + eps).sqrt().to(dtype)
 
@@ -1422,7 +1427,7 @@ def _adain_image_stats(
 def _adain_given_stats(value: object, name: str, content: Tensor) -> Tensor:
     """A precomputed statistic as a tensor broadcastable to ``content``, keepdim form."""
     if not isinstance(value, Tensor) or not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a floating-point tensor, got {stats._described(value)}")
     stats._check_device(value, name, content, "content")
     n, c, rank = content.shape[0], content.shape[1], content.dim()
     shape = tuple(value.shape)
@@ -1446,7 +1451,7 @@ def _adain_given_stats(value: object, name: str, content: Tensor) -> Tensor:
 def _adain_check_weights(weights: object, count: int, content: Tensor) -> Tensor:
     if not isinstance(weights, Tensor) or not weights.is_floating_point():
         raise TypeError(
-            f"style_weights must be a floating-point tensor, got {type(weights).__name__}"
+            f"style_weights must be a floating-point tensor, got {stats._described(weights)}"
         )
     n = content.shape[0]
     if weights.shape not in ((count,), (n, count)):
@@ -1552,12 +1557,15 @@ def _adain_style_stats(
 
 
 def _adain_check_alpha(alpha: object, content: Tensor) -> float | Tensor:
-    if isinstance(alpha, bool):
-        raise TypeError("alpha must be a number or a tensor, got bool")
-    if isinstance(alpha, (int, float)):
-        return float(alpha)
+    if stats._is_real(alpha):
+        value = float(alpha)  # type: ignore[arg-type]
+        if not math.isfinite(value):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")
+        return value
     if not isinstance(alpha, Tensor) or not alpha.is_floating_point():
-        raise TypeError(f"alpha must be a number or a floating tensor, got {type(alpha).__name__}")
+        raise TypeError(
+            f"alpha must be a number or a floating tensor, got {stats._described(alpha)}"
+        )
     if alpha.shape not in ((), (content.shape[0],)):
         raise _adain_shape_error("alpha", "be a number or have shape () or (N,)", alpha, content)
     # Moved to the content's device, like the style weights.
@@ -1605,8 +1613,18 @@ def _adain_coefficients(
     (``mask_name`` in errors). Where the mask is empty for a sample, its statistics are
     placeholders: the term is multiplied by that mask, so the content passes through."""
     rank = content.dim()
-    mean_c, var_c = stats._mean_var(content, correction, content_mask, mask_name, empty_ok=True)
-    inv_std_c = torch.rsqrt(var_c + eps)
+    mean_c, var_c = stats._mean_var(
+        content, correction, content_mask, mask_name, empty_ok=True, x_name="content"
+    )
+    spread = var_c + eps
+    if eps > 0:
+        inv_std_c = torch.rsqrt(spread)
+    else:
+        # eps = 0: a constant channel (or a one-position region) has no spread; its 1/sigma is
+        # taken as 0, as torch's kernels and the fused path (_cin_normalize) take it, so the
+        # output is the style mean, not NaN. (rsqrt of 1 on the other branch: finite gradients.)
+        positive = spread > 0
+        inv_std_c = torch.where(positive, torch.rsqrt(torch.where(positive, spread, 1.0)), 0.0)
     # With eps: the folded form's terms scale with 1/sqrt(var + eps), so a spread far below
     # sqrt(eps) cancels no more (measured: at std 1e-4, |mean|/std 1e3, output 1.3e-5 folded
     # against 1.0e-5 term by term and for the plain formula; input gradient 1.5e-7 for all).
@@ -1901,10 +1919,23 @@ def _check_batch(
         )
 
 
+def _check_rank(input: Tensor, target_rank: int) -> None:
+    """The target's rank must be the input's: a style map missing its batch dimension,
+    ``(C, H, W)`` for ``(N, C, H, W)`` input, would otherwise be read as ``C`` samples of ``H``
+    channels wherever those sizes happen to pass the batch and channel checks."""
+    if input.dim() != target_rank:
+        raise ValueError(
+            f"target must have the rank of input, (1 or N, C, *spatial): input is "
+            f"{input.dim()}D, target {target_rank}D (a single target needs its batch "
+            f"dimension of 1: target.unsqueeze(0))"
+        )
+
+
 def _check_pair(input: object, target: object) -> tuple[Tensor, Tensor]:
     x = stats.check_features(input, "input")
     y = stats.check_features(target, "target")
     stats._check_device(y, "target", x)
+    _check_rank(x, y.dim())
     _check_same_channels(x.shape[1], y.shape[1])
     _check_batch(x.shape[0], y.shape[0])
     return x, y
@@ -2268,7 +2299,7 @@ def _loss_mean_var(
 ) -> tuple[Tensor, Tensor]:
     """Mean and variance in the compute dtype, with mask errors that name the argument."""
     if mask is None:
-        return stats._mean_var(x, correction, None)
+        return stats._mean_var(x, correction, None, x_name=x_name)
     return stats._mean_var(x, correction, stats.check_mask(mask, x, name, x_name), name)
 
 

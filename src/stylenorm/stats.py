@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import threading
 import types
 from collections.abc import Callable, Iterable
@@ -48,11 +49,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     float64 stays float64; every other floating dtype (float16, bfloat16, float32) is reduced in
     float32, which keeps half-precision statistics from overflowing or losing digits.
 
+    Raises ``TypeError`` for anything but a floating ``torch.dtype``.
+
     Example:
         >>> compute_dtype(torch.bfloat16)
         torch.float32
     """
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    if dtype == torch.float64:
+        return torch.float64
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return torch.float32  # (float8 and other floating dtypes)
 
 
 def _is_compiling() -> bool:
@@ -836,18 +845,20 @@ def _mean_var(
     mask: Tensor | None,
     mask_name: str = "mask",
     empty_ok: bool = False,
+    x_name: str = "input",
 ) -> tuple[Tensor, Tensor]:
     """Validated mean/var in the compute dtype (float32 for half inputs); for internal use.
     ``mask_name`` names the mask in the error for weights that sum to zero (at most
-    ``correction``); with ``empty_ok``, a (sample, channel) whose weights are all zero gets the
-    unmasked statistics instead, for callers that multiply the result by the mask again."""
+    ``correction``), ``x_name`` the features in the error for too few positions; with
+    ``empty_ok``, a (sample, channel) whose weights are all zero gets the unmasked statistics
+    instead, for callers that multiply the result by the mask again."""
     if mask is not None:
         return _weighted_mean_var(x, mask, correction, mask_name, empty_ok)
     m = _num_positions(x)
     if m - correction <= 0:
         raise ValueError(
-            f"correction={correction} needs more than {correction} spatial positions, "
-            f"got {m} (input shape {tuple(x.shape)})"
+            f"{x_name} has {m} spatial positions, too few for correction={correction} (more "
+            f"than {correction} needed): {x_name} of shape {tuple(x.shape)}"
         )
     if x.shape[0] == 0 or x.shape[1] == 0:
         empty = x.new_zeros((x.shape[0], x.shape[1]), dtype=compute_dtype(x.dtype))
@@ -1012,19 +1023,36 @@ def _channel_mean_var(x: Tensor, correction: float) -> tuple[Tensor, Tensor]:
     return mean[0], var[0]
 
 
+def _is_real(value: object) -> bool:
+    """A real Python or NumPy number (``numbers.Real``: not a bool, a tensor or a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _described(value: object) -> str:
+    """What a rejected argument is, for an error message: a tensor's dtype, else its type."""
+    if isinstance(value, Tensor):
+        return f"a tensor of dtype {value.dtype}"
+    return type(value).__name__
+
+
 def _check_eps(eps: object, name: str = "eps") -> float:
-    """``eps`` as a float: a finite non-negative number (NaN, infinity and bools fail)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+    """``eps`` as a float: a finite non-negative real number (NumPy's too). Other types are a
+    ``TypeError``; NaN, infinity and negative values a ``ValueError``."""
+    if not _is_real(eps):
+        raise TypeError(f"{name} must be a finite non-negative number, got {_described(eps)}")
+    value = float(eps)  # type: ignore[arg-type]
+    if not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite non-negative number, got {eps!r}")
-    return float(eps)
+    return value
 
 
 def _check_correction(correction: object) -> float:
-    if isinstance(correction, bool) or not isinstance(correction, (int, float)):
-        raise TypeError(f"correction must be a number, got {type(correction).__name__}")
-    if not 0 <= correction < math.inf:  # NaN fails too
+    if not _is_real(correction):
+        raise TypeError(f"correction must be a number, got {_described(correction)}")
+    value = float(correction)  # type: ignore[arg-type]
+    if not 0 <= value < math.inf:  # NaN fails too
         raise ValueError(f"correction must be non-negative and finite, got {correction}")
-    return float(correction)
+    return value
 
 
 @_float64_on_overflow()
@@ -1071,7 +1099,7 @@ def mean_var(
     x = check_features(x, "x")
     corr = _check_correction(correction)
     w = None if mask is None else check_mask(mask, x, "mask", "x")
-    mean, var = _mean_var(x, corr, w)
+    mean, var = _mean_var(x, corr, w, x_name="x")
     return mean.to(x.dtype), var.to(x.dtype)
 
 
@@ -1108,5 +1136,5 @@ def mean_std(
     corr = _check_correction(correction)
     eps = _check_eps(eps)
     w = None if mask is None else check_mask(mask, x, "mask", "x")
-    mean, var = _mean_var(x, corr, w)
+    mean, var = _mean_var(x, corr, w, x_name="x")
     return mean.to(x.dtype), (var + eps).sqrt().to(x.dtype)

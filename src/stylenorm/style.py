@@ -105,6 +105,18 @@ class _ConditionalInstanceNorm(nn.Module):
             )
 
     def forward(self, input: Tensor, style: int | Tensor) -> Tensor:
+        r"""Normalize ``input`` and apply the style's :math:`\gamma_s, \beta_s`.
+
+        Args:
+            input: ``(N, C, *spatial)``, or unbatched ``(C, *spatial)``.
+            style: an ``int`` or 0-dim integer tensor (one style for the batch), an integer
+                tensor ``(N,)`` (one id per sample), or floating mixing weights ``(N, S)`` /
+                ``(S,)`` (style interpolation; a floating tensor is always read as weights).
+                See :func:`stylenorm.functional.conditional_instance_norm`.
+
+        Returns:
+            The output, of the input's shape and memory format.
+        """
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
@@ -169,12 +181,12 @@ class _ConditionalInstanceNorm(nn.Module):
             >>> m.weight.shape
             torch.Size([3, 3])
         """
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be a positive int, got {count!r}")
+        (count,) = _positive_sizes(count=count)
         old = self.num_styles
         if init == "copy":
-            if source is None or isinstance(source, bool) or not isinstance(source, int):
+            if source is None or isinstance(source, bool) or not hasattr(type(source), "__index__"):
                 raise TypeError(f"init='copy' needs an int source style id, got {source!r}")
+            source = operator.index(source)
             if not 0 <= source < old:
                 raise IndexError(
                     f"source style id {source} is out of range for num_styles={old} "
@@ -244,6 +256,10 @@ class _ConditionalInstanceNorm(nn.Module):
             new.weight.copy_(weight.detach().expand_as(new.weight))
             if new.bias is not None and module.bias is not None:
                 new.bias.copy_(module.bias.detach().expand_as(new.bias))
+        # A frozen gamma or beta stays frozen.
+        new.weight.requires_grad_(weight.requires_grad)
+        if new.bias is not None and module.bias is not None:
+            new.bias.requires_grad_(module.bias.requires_grad)
         return new
 
 
@@ -371,6 +387,24 @@ class AdaIN(nn.Module):
         style_mask: Tensor | Sequence[Tensor | None] | None = None,
         style_weights: Tensor | None = None,
     ) -> Tensor:
+        r""":math:`\alpha\,\mathrm{AdaIN}(x, s) + (1 - \alpha)\,x`, with the layer's ``eps`` and
+        ``correction``: :func:`stylenorm.functional.adain`.
+
+        Args:
+            content: ``(N, C, *spatial)``.
+            style: style images ``(N or 1, C, *spatial')``, or K of them (a sequence or a
+                stack) mixed by ``style_weights``; or None with ``style_mean``/``style_std``.
+            style_mean, style_std: precomputed target statistics ``(C,)``, ``(N or 1, C)`` or
+                maps ``(N or 1, C, *spatial)`` (or K of each, mixed by ``style_weights``).
+            alpha: style strength, a number or a ``()``/``(N,)`` tensor.
+            content_mask: ``(N or 1, 1 or C, *spatial)`` weights of the content positions
+                whose statistics are measured and which are stylized.
+            style_mask: weights of the style positions (one per style image, or None).
+            style_weights: ``(N, K)`` or ``(K,)`` weights of K styles.
+
+        Returns:
+            The stylized features, of the content's shape and memory format.
+        """
         return functional.adain(
             content,
             style,

@@ -192,6 +192,14 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         if not need_sync:
             return super().forward(input)
+        # The kernels of the single-process path check these; the synchronised one has none,
+        # and would broadcast a 1-channel input or fail after a buffer moved.
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            vector = getattr(self, name)
+            if vector is not None and vector.numel() != input.shape[1]:
+                raise RuntimeError(
+                    f"{name} should contain {input.shape[1]} elements not {vector.numel()}"
+                )
         track = self.track_running_stats
         out: Tensor = _SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
             input,
