@@ -490,6 +490,17 @@ def test_mixed_dtypes_match_torch():
         _compare_state(theirs, ours, 1e-6)
     theirs, ours = _pair("InstanceNorm2d", 3, affine=True)
     assert _outcome(lambda: ours(x))[0] is _outcome(lambda: theirs(x))[0] is RuntimeError
+    # Half input into parameters of float64 or of the other half type: torch's error (the
+    # group-norm route used to cast the parameters to float32 and compute).
+    for param_dtype in (torch.float64, torch.bfloat16):
+        for training in (True, False):
+            theirs, ours = _pair("InstanceNorm2d", 3, affine=True, dtype=param_dtype)
+            theirs.train(training)
+            ours.train(training)
+            half = torch.randn(2, 3, 5, 5, dtype=torch.float16)
+            expected = _outcome(lambda: theirs(half))  # noqa: B023 (called at once)
+            assert expected[0] is RuntimeError
+            assert _outcome(lambda: ours(half)) == expected  # noqa: B023
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -698,6 +709,76 @@ def test_batch_of_one_channels_last_gradient_in_evaluation(
         float((a.double() - b).abs().max()) for a, b in zip(grads(theirs), expected, strict=True)
     )
     assert torch_error > 1e-1, "torch's gradient is right here now"
+
+
+@pytest.mark.parametrize(
+    ("name", "training", "unbatched"),
+    [
+        ("BatchNorm2d", True, False),
+        ("BatchNorm2d", False, False),
+        ("InstanceNorm2d", False, False),
+        ("InstanceNorm2d", False, True),
+    ],
+)
+def test_batch_of_one_channels_last_input_with_contiguous_gradient(
+    name: str, training: bool, unbatched: bool
+):
+    """An HWC image permuted to (C, H, W) (and unsqueezed) is a channels_last batch of one; with
+    a contiguous incoming gradient torch 2.13's CPU batch-norm backward gets the input, weight
+    and bias gradients wrong (torch.nn's BatchNorm2d in training and evaluation, and our tracked
+    InstanceNorm in evaluation, which ran that kernel). Ours match the float64 formula."""
+    options = {"track_running_stats": True}
+    if name.startswith("Instance"):
+        options["affine"] = True
+    theirs, ours = _pair(name, 3, dtype=torch.float64, **options)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in (theirs, ours):
+            module.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+            module.bias.copy_(torch.tensor([0.1, 0.0, -0.3]))
+            module.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+            module.running_var.copy_(torch.tensor([1.5, 0.5, 2.0]))
+            module.train(training)
+    image = torch.rand(7, 6, 3, generator=generator, dtype=torch.float64)  # (H, W, C)
+    x = image.permute(2, 0, 1) if unbatched else image.permute(2, 0, 1).unsqueeze(0)
+    grad = torch.randn(x.shape, generator=generator, dtype=torch.float64)  # contiguous
+    view = (3, 1, 1)
+    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+    x_ref = x.clone().requires_grad_()
+    if training:
+        dims = tuple(d for d in range(x.dim()) if d != x.dim() - 3)
+        mean = x_ref.mean(dims, keepdim=True)
+        var = x_ref.var(dims, keepdim=True, correction=0)
+    else:
+        mean = ours.running_mean.reshape(view)
+        var = ours.running_var.reshape(view)
+    y_ref = (x_ref - mean) / torch.sqrt(var + 1e-5) * params[0].reshape(view)
+    y_ref = y_ref + params[1].reshape(view)
+    expected = torch.autograd.grad(y_ref, [x_ref, *params], grad)
+
+    def grads(module: nn.Module) -> tuple[torch.Tensor, ...]:
+        x_in = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        return torch.autograd.grad(module(x_in), [x_in, *module.parameters()], grad)
+
+    for ours_grad, ref_grad in zip(grads(ours), expected, strict=True):
+        torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-10, atol=1e-10)
+    if name.startswith("BatchNorm"):
+        torch_error = max(
+            float((a - b).abs().max()) for a, b in zip(grads(theirs), expected, strict=True)
+        )
+        assert torch_error > 1e-3, "torch's gradient is right here now: the hook may go"
+    # Double backward and torch.func.grad take the same route.
+    x_in = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: ours(t), (x_in,))
+    weights = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    ours.eval()
+    state = {**dict(ours.named_parameters()), **dict(ours.named_buffers())}
+    func_grad = torch.func.grad(
+        lambda t: (torch.func.functional_call(ours, state, (t,)) * weights).sum()
+    )(x)
+    x_in = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    (ours(x_in) * weights).sum().backward()
+    torch.testing.assert_close(func_grad, x_in.grad)
 
 
 @pytest.mark.parametrize("options", [{"affine": True}, {"track_running_stats": True}, {}], ids=str)

@@ -908,18 +908,22 @@ def instance_norm(
             eps,
             torch.backends.cudnn.enabled,
         )
-        return _in_layout(out, layout)
+        return _in_layout(_kernel_grad_in_layout(out, input), layout)
     if input.numel() == 0:
         # Empty output with zero parameter gradients (group norm's weight gradient is NaN here).
         return torch.batch_norm(
             input, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
+    if not _kernel_dtypes_match(input, weight, bias):
+        # Parameters of a dtype torch's kernels do not take with this input (float64 ones with
+        # float32 or half input, bfloat16 ones with float16): torch's own function, which raises
+        # torch's error before any running statistic moves (the group-norm route cast them).
+        return F.instance_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     tracking = running_mean is not None or running_var is not None
     layout = stats._memory_format(input)
     on_own_layout = None
-    # Parameters of another dtype go to torch's kernel below, which raises torch's error.
     # eps <= 0 takes torch.nn's kernel (:func:`_contiguous_norm_and_stats`) in every layout.
-    own_routes = _kernel_dtypes_match(input, weight, bias) and eps > 0
+    own_routes = eps > 0
     if own_routes and _formula_fits(input, weight, bias):
         # Compiled with a gradient, or small without one: the formula on the input's layout.
         on_own_layout = _formula_norm(input, weight, bias, eps)
@@ -957,6 +961,34 @@ def instance_norm(
         _update_running_stats(
             running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
         )
+    return out
+
+
+def _channels_last_grad(grad: Tensor | None) -> Tensor | None:
+    return None if grad is None else grad.contiguous(memory_format=torch.channels_last)
+
+
+def _kernel_grad_in_layout(out: Tensor, input: Tensor) -> Tensor:
+    """``out`` of torch's batch-norm kernel on ``input``, with a hook that hands the kernel's
+    backward its incoming gradient in the input's layout where that backward needs it.
+
+    torch's CPU batch-norm backward is wrong for a 4D batch of one in channels_last memory
+    (an HWC image permuted to CHW and unsqueezed is one) whose incoming gradient is not
+    channels_last: against float64, the input gradient came out 20 off (relative to values
+    of about 1) in training and 6 off in evaluation, the weight gradient off too. torch.nn's
+    BatchNorm2d has it; its InstanceNorm, which copies to contiguous, does not. Batches of
+    more than one, 3D and 5D input are right. Not under torch.compile, which decomposes the
+    kernel."""
+    if (
+        out.requires_grad
+        and input.dim() == 4
+        and input.shape[0] == 1
+        and input.device.type == "cpu"
+        and not input.is_contiguous()
+        and input.is_contiguous(memory_format=torch.channels_last)
+        and not stats._is_compiling()
+    ):
+        out.register_hook(_channels_last_grad)
     return out
 
 
@@ -1109,8 +1141,11 @@ def batch_norm(
         >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True))
         True
     """
-    if not training or _torch_handles(input):
+    if _torch_handles(input):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training:
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+        return _kernel_grad_in_layout(out, input)
     tracks = running_mean is not None or running_var is not None
     if input.dim() >= 2 and input.numel() == 0 and input.shape[1] > 0:
         # An empty batch (N = 0, or no spatial positions) carries no statistics: nothing to update.
@@ -1129,7 +1164,8 @@ def batch_norm(
             result: Tensor = stats._apply(_BatchNormTrain, input, weight, bias, mean, var, eps)
             return result
         return _BatchNormTrain.forward(input, weight, bias, mean, var, eps)
-    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _kernel_grad_in_layout(out, input)
 
 
 # ==============================================================================================
