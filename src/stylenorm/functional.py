@@ -988,7 +988,7 @@ def _kernel_grad_in_layout(out: Tensor, input: Tensor) -> Tensor:
         and input.is_contiguous(memory_format=torch.channels_last)
         and not stats._is_compiling()
     ):
-        out.register_hook(_channels_last_grad)
+        out.register_hook(_channels_last_grad)  # type: ignore[no-untyped-call]
     return out
 
 
