@@ -11,6 +11,7 @@ of values of order 1-4, the size of normalized outputs and of their gradients he
 from __future__ import annotations
 
 import inspect
+import io
 import itertools
 import warnings
 from collections.abc import Callable
@@ -1087,3 +1088,51 @@ def test_tracked_instance_norm_running_variance_far_below_eps(shape: tuple[int, 
     got = layer.running_var.double()
     assert torch.equal(got[3::4], expected[3::4])  # constant channels: 0
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Graph tools: torch.fx and torch.jit.trace
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_symbolic_trace_keeps_drop_ins_as_leaves(name: str):
+    """fx stops at value-dependent control flow, which ours have; torch.nn's classes are leaf
+    modules. Ours record themselves as leaves too, and the graph calls them."""
+    channels = 6
+    ours = getattr(stylenorm, name)(channels, affine=True)
+    model = nn.Sequential(nn.Identity(), ours, nn.ReLU())
+    graph_module = torch.fx.symbolic_trace(model)
+    calls = [n.target for n in graph_module.graph.nodes if n.op == "call_module"]
+    assert calls == ["0", "1", "2"]
+    x = 3.0 + torch.randn((4, channels) + SPATIAL[name[-2:]])
+    torch.testing.assert_close(graph_module(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_trace_like_torch_nn(name: str, training: bool):
+    """A trace must not depend on the data's values (our routes read them: the check that runs
+    the trace twice saw different graphs at a large mean) nor hold out= ops (a trace replayed
+    with a gradient failed). Traced, the drop-ins record torch's kernels, as torch.nn's do:
+    saved, loaded and run with a gradient, they match torch.nn's trace."""
+    theirs, ours = _pair(name, 8, affine=True, track_running_stats=True)
+    x = 2.0 + torch.randn((4, 8) + SPATIAL[name[-2:]])
+    if name.endswith("2d"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    for module in (theirs, ours):
+        module.train(training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = [torch.jit.trace(module, x) for module in (theirs, ours)]
+    buffer = io.BytesIO()
+    torch.jit.save(traced[1], buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    results = []
+    for module in (traced[0], loaded):
+        x_in = x.clone().requires_grad_()
+        out = module(x_in)
+        out.square().sum().backward()
+        results.append((out, x_in.grad))
+    torch.testing.assert_close(results[1], results[0])

@@ -28,10 +28,14 @@ holds. Only the computation is replaced, by :mod:`stylenorm.functional`:
 ``torch.jit.script`` works on every drop-in, so they replace scripted torch.nn norms; a scripted
 module computes with torch's kernels (``F.batch_norm``, ``F.instance_norm``: torch's numbers and
 its quirks above, except that an empty batch still leaves BatchNorm's running statistics and
-count untouched), since TorchScript cannot compile :mod:`stylenorm.functional`.
+count untouched), since TorchScript cannot compile :mod:`stylenorm.functional`. So does a module
+traced by ``torch.jit.trace``, whose graph cannot follow our value-dependent routes. Under
+``torch.fx.symbolic_trace`` the drop-ins are leaf modules, as torch.nn's are.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +55,64 @@ __all__ = [
 ]
 
 
+@torch.jit.unused
+def _fx_leaf(module: nn.Module, input: Tensor) -> Tensor | None:
+    """Under ``torch.fx.symbolic_trace``, a ``call_module`` node for ``module`` (None otherwise).
+
+    fx traces through every module outside ``torch.nn`` and stops at value-dependent control
+    flow, which ours have (the input checks, the choice of route), where torch.nn's classes are
+    leaves. So a drop-in called on a proxy records itself as a leaf, as torch.nn's do: the
+    traced graph calls the module, which computes as in eager mode. (A drop-in traced as the
+    root fails as torch.nn's does, on its input checks.)
+    """
+    if not isinstance(input, torch.fx.Proxy):
+        return None
+    tracer = input.tracer
+    if getattr(tracer, "root", None) is module:
+        return None
+    proxy: Tensor = tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    return proxy
+
+
 class _InstanceNorm(_TorchInstanceNorm):
     """Shared behaviour of the drop-in instance norms: torch's module, stylenorm's kernel."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        """torch's checks, messages and unbatched handling, then our kernel; a leaf under fx."""
+        if not torch.jit.is_scripting():  # type: ignore[attr-defined]
+            leaf = _fx_leaf(self, input)
+            if leaf is not None:
+                return leaf
+        self._check_input_dim(input)  # type: ignore[no-untyped-call]
+        no_batch_dim: int = self._get_no_batch_dim()  # type: ignore[no-untyped-call]
+        channel_dim = input.dim() - no_batch_dim
+        channels = input.size(channel_dim)
+        if channels != self.num_features:
+            # torch's rule and words: an error with affine parameters, else a warning.
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={channel_dim} to match num_features"
+                    f" ({self.num_features}), but got: {channels}."
+                )
+            warnings.warn(
+                f"input's size at dim={channel_dim} does not match num_features. "
+                "You can silence this warning by not passing in num_features, "
+                "which is not used because affine=False",
+                stacklevel=2,
+            )
+        if input.dim() == no_batch_dim:
+            unbatched: Tensor = self._handle_no_batch_input(input)  # type: ignore[no-untyped-call]
+            return unbatched
+        return self._apply_instance_norm(input)
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         use_input_stats = self.training or not self.track_running_stats
         momentum = self.momentum if self.momentum is not None else 0.0
-        if torch.jit.is_scripting():  # type: ignore[attr-defined]
+        if torch.jit.is_scripting() or torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
             # TorchScript cannot compile stylenorm.functional: a scripted module computes with
-            # torch's kernel (same numbers, torch's quirks; see the class docs).
+            # torch's kernel (same numbers, torch's quirks; see the class docs). So does one
+            # traced by torch.jit.trace, whose graph must not depend on the data's values (our
+            # routes read them) nor hold out= ops (not differentiable when replayed).
             return F.instance_norm(
                 input,
                 self.running_mean,
@@ -92,6 +145,10 @@ class _BatchNorm(_TorchBatchNorm):
     """Shared behaviour of the drop-in batch norms: torch's module, stylenorm's kernel."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():  # type: ignore[attr-defined]
+            leaf = _fx_leaf(self, input)
+            if leaf is not None:
+                return leaf
         self._check_input_dim(input)  # type: ignore[no-untyped-call]
         # An empty batch is not a step (see functional.batch_norm): nothing is counted or updated.
         step = self.training and self.track_running_stats and input.numel() > 0
@@ -104,8 +161,9 @@ class _BatchNorm(_TorchBatchNorm):
         pass_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if pass_buffers else None
         running_var = self.running_var if pass_buffers else None
-        if torch.jit.is_scripting():  # type: ignore[attr-defined]
+        if torch.jit.is_scripting() or torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
             # TorchScript cannot compile stylenorm.functional: torch's kernel, torch's update.
+            # torch.jit.trace takes it too (see _InstanceNorm._apply_instance_norm).
             momentum = 0.0 if self.momentum is None else self.momentum
             if step and self.momentum is None:
                 if self.num_batches_tracked is not None:
