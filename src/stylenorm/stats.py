@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-__all__ = ["compute_dtype", "mean_std", "mean_var"]
+__all__ = ["check_features", "check_mask", "compute_dtype", "mean_std", "mean_var"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -112,6 +112,14 @@ def check_features(x: object, name: str = "input") -> Tensor:
 
     Raises ``TypeError`` for a non-tensor or non-floating tensor and ``ValueError`` for a rank
     below 3 or a map without spatial positions.
+
+    Example:
+        >>> check_features(torch.randn(2, 3, 4, 4)).shape
+        torch.Size([2, 3, 4, 4])
+        >>> check_features(torch.randn(3, 4), "style")
+        Traceback (most recent call last):
+        ...
+        ValueError: style must have shape (N, C, *spatial) with at least one spatial dimension, ...
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -145,6 +153,13 @@ def check_mask(mask: object, x: Tensor, name: str = "mask", x_name: str = "input
     weighs every position it covers (``(N, 1, 1, 1)`` weighs the whole map). Boolean masks become
     0/1 weights in the statistics' compute dtype. Negative, infinite and NaN weights are rejected
     in eager mode.
+
+    Example:
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> check_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), x).shape
+        torch.Size([1, 1, 4, 4])
+        >>> check_mask(torch.ones(1, 1, 1, 1), x).shape  # one weight for the whole map
+        torch.Size([1, 1, 4, 4])
     """
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
@@ -1119,7 +1134,8 @@ def mean_std(
 
     Args:
         x: features of shape ``(N, C, *spatial)``.
-        eps: added to the variance before the square root; must be non-negative.
+        eps: added to the variance before the square root; must be non-negative. With 0, a
+            constant channel's std is 0 and its gradient NaN, as ``torch.std``'s.
         correction: 0 (biased, default) or 1 (unbiased) variance; see :func:`mean_var`.
         mask: optional non-negative weights of shape ``(N or 1, C or 1, *spatial)``.
 
