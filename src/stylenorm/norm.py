@@ -40,6 +40,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.jit import is_tracing as _is_tracing  # type: ignore[attr-defined]
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
@@ -108,7 +109,8 @@ class _InstanceNorm(_TorchInstanceNorm):
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         use_input_stats = self.training or not self.track_running_stats
         momentum = self.momentum if self.momentum is not None else 0.0
-        if torch.jit.is_scripting() or torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
+        tracing = _is_tracing()  # type: ignore[no-untyped-call]
+        if torch.jit.is_scripting() or tracing:  # type: ignore[attr-defined]
             # TorchScript cannot compile stylenorm.functional: a scripted module computes with
             # torch's kernel (same numbers, torch's quirks; see the class docs). So does one
             # traced by torch.jit.trace, whose graph must not depend on the data's values (our
@@ -161,7 +163,8 @@ class _BatchNorm(_TorchBatchNorm):
         pass_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if pass_buffers else None
         running_var = self.running_var if pass_buffers else None
-        if torch.jit.is_scripting() or torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
+        tracing = _is_tracing()  # type: ignore[no-untyped-call]
+        if torch.jit.is_scripting() or tracing:  # type: ignore[attr-defined]
             # TorchScript cannot compile stylenorm.functional: torch's kernel, torch's update.
             # torch.jit.trace takes it too (see _InstanceNorm._apply_instance_norm).
             momentum = 0.0 if self.momentum is None else self.momentum
