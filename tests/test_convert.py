@@ -67,8 +67,9 @@ def test_root_norm_is_replaced_and_others_untouched():
 @pytest.mark.parametrize(("torch_cls", "ours_cls", "shape"), PAIRS[:2])
 def test_swaps_keep_non_persistent_buffers_and_attributes(torch_cls, ours_cls, shape):
     """The state_dict stays the original's (a buffer registered non-persistent is not saved
-    after the swap either), and the layer's own attributes (qconfig, a user's tag) carry over,
-    both ways."""
+    after the swap either), and qconfig carries over, both ways (as torch's
+    convert_sync_batchnorm keeps it); other instance attributes do not: an instance-level
+    forward (a wrapper's hook) would run the old layer instead of the new."""
     layer = torch_cls(3)
     running_mean = layer.running_mean
     del layer._buffers["running_mean"]
@@ -83,7 +84,12 @@ def test_swaps_keep_non_persistent_buffers_and_attributes(torch_cls, ours_cls, s
         assert type(converted) is cls
         assert list(converted.state_dict()) == keys
         assert converted.running_mean is running_mean
-        assert converted.qconfig == "q" and converted.tag is layer.tag
+        assert converted.qconfig == "q" and not hasattr(converted, "tag")
+    wrapped = torch_cls(3)
+    wrapped.forward = lambda *args: pytest.fail("the old layer ran")  # type: ignore[method-assign]
+    swapped = to_stylenorm(nn.Sequential(wrapped))[0]
+    assert "forward" not in vars(swapped)
+    swapped(torch.randn(shape))
     layer.load_state_dict(ours.state_dict())  # strict, both ways
     ours.load_state_dict(layer.state_dict())
 

@@ -780,6 +780,15 @@ def test_batch_of_one_channels_last_input_with_contiguous_gradient(
     x_in = x.clone(memory_format=torch.preserve_format).requires_grad_()
     (ours(x_in) * weights).sum().backward()
     torch.testing.assert_close(func_grad, x_in.grad)
+    # Under vmap each sample is such a batch of one, and no channels_last copy can be made:
+    # the hook stands aside (vmap computes the batch's gradient by its own rules).
+    if not unbatched:
+        per_sample = torch.func.vmap(
+            torch.func.grad(
+                lambda t: (torch.func.functional_call(ours, state, (t,)) * weights).sum()
+            )
+        )(torch.stack([x, x]))
+        torch.testing.assert_close(per_sample[0], x_in.grad)
 
 
 @pytest.mark.parametrize("options", [{"affine": True}, {"track_running_stats": True}, {}], ids=str)

@@ -197,9 +197,11 @@ def _swap_norms(
         for name, buffer in module._buffers.items():
             output._buffers[name] = buffer
         output._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-        # The layer's own attributes too (``qconfig``, a user's tags), but not its hooks.
-        for name, value in vars(module).items():
-            vars(output).setdefault(name, value)
+        # The quantization config too, as torch's convert_sync_batchnorm keeps it. Not other
+        # attributes: an instance-level forward (a wrapper's hook) or a pruned weight would
+        # then bypass or corrupt the new layer.
+        if hasattr(module, "qconfig"):
+            output.qconfig = module.qconfig
         output.train(module.training)
     _convert_children(output, lambda child: _swap_norms(child, mapping, memo, undo), memo, undo)
     return output
@@ -213,7 +215,8 @@ def to_stylenorm(model: nn.Module) -> nn.Module:
     are replaced in place; the (possibly new) root is returned, so write
     ``model = to_stylenorm(model)``. A layer used in several places (or twice in one container)
     becomes one new layer, used in all of them. Subclasses, lazy and sync variants are left
-    alone; hooks registered on a replaced layer are not carried over.
+    alone; hooks registered on a replaced layer, and its instance attributes other than
+    ``qconfig``, are not carried over.
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True))

@@ -978,7 +978,7 @@ def _kernel_grad_in_layout(out: Tensor, input: Tensor) -> Tensor:
     of about 1) in training and 6 off in evaluation, the weight gradient off too. torch.nn's
     BatchNorm2d has it; its InstanceNorm, which copies to contiguous, does not. Batches of
     more than one, 3D and 5D input are right. Not under torch.compile, which decomposes the
-    kernel."""
+    kernel, nor under vmap, which cannot make a channels_last copy (and batches the samples)."""
     if (
         out.requires_grad
         and input.dim() == 4
@@ -987,6 +987,7 @@ def _kernel_grad_in_layout(out: Tensor, input: Tensor) -> Tensor:
         and not input.is_contiguous()
         and input.is_contiguous(memory_format=torch.channels_last)
         and not stats._is_compiling()
+        and not stats._is_vmapped(input)
     ):
         out.register_hook(_channels_last_grad)  # type: ignore[no-untyped-call]
     return out
@@ -1973,23 +1974,10 @@ def _check_batch(
         )
 
 
-def _check_rank(input: Tensor, target_rank: int) -> None:
-    """The target's rank must be the input's: a style map missing its batch dimension,
-    ``(C, H, W)`` for ``(N, C, H, W)`` input, would otherwise be read as ``C`` samples of ``H``
-    channels wherever those sizes happen to pass the batch and channel checks."""
-    if input.dim() != target_rank:
-        raise ValueError(
-            f"target must have the rank of input, (1 or N, C, *spatial): input is "
-            f"{input.dim()}D, target {target_rank}D (a single target needs its batch "
-            f"dimension of 1: target.unsqueeze(0))"
-        )
-
-
 def _check_pair(input: object, target: object) -> tuple[Tensor, Tensor]:
     x = stats.check_features(input, "input")
     y = stats.check_features(target, "target")
     stats._check_device(y, "target", x)
-    _check_rank(x, y.dim())
     _check_same_channels(x.shape[1], y.shape[1])
     _check_batch(x.shape[0], y.shape[0])
     return x, y

@@ -44,7 +44,6 @@ from .functional import (
     _check_choice,
     _check_mean_std_options,
     _check_mmd_options,
-    _check_rank,
     _gram_loss_from_gram,
     _loss_gram,
     _loss_position_weights,
@@ -75,13 +74,6 @@ class _CachedTargetLoss(nn.Module):
     def __init__(self, persistent: bool) -> None:
         super().__init__()
         self.persistent = bool(persistent)
-        self._target_rank: int | None = None
-
-    def _checked_target(self, target: object) -> Tensor:
-        """The target, validated; its rank is kept to check every input's against."""
-        checked = stats.check_features(target, "target")
-        self._target_rank = checked.dim()
-        return checked
 
     def _cache(self, name: str, value: Tensor | None) -> None:
         # A view (MMD's feature matrices can be one of the caller's target) is copied: the buffer
@@ -97,9 +89,6 @@ class _CachedTargetLoss(nn.Module):
         if isinstance(input, Tensor) and target is not None:
             hint = "; move the loss with .to(device)"
             stats._check_device(input, "input", target, "the loss's cached target", hint)
-        rank = getattr(self, "_target_rank", None)  # (None in a module pickled before it)
-        if isinstance(input, Tensor) and rank is not None and input.dim() >= 3:
-            _check_rank(input, rank)
 
 
 class GramLoss(_CachedTargetLoss):
@@ -148,7 +137,7 @@ class GramLoss(_CachedTargetLoss):
         persistent: bool = False,
     ) -> None:
         super().__init__(persistent)
-        target = self._checked_target(target)
+        target = stats.check_features(target, "target")
         self.normalize = _check_choice(normalize, "normalize", GRAM_NORMALIZATIONS)
         self.reduction = _check_choice(reduction, "reduction", LOSS_REDUCTIONS)
         self.center = bool(center)
@@ -219,7 +208,7 @@ class MeanStdLoss(_CachedTargetLoss):
         persistent: bool = False,
     ) -> None:
         super().__init__(persistent)
-        target = self._checked_target(target)
+        target = stats.check_features(target, "target")
         self.eps, self.target_eps, self.correction = _check_mean_std_options(
             eps, target_eps, correction, reduction
         )
@@ -287,7 +276,7 @@ class MMDLoss(_CachedTargetLoss):
         persistent: bool = False,
     ) -> None:
         super().__init__(persistent)
-        target = self._checked_target(target)
+        target = stats.check_features(target, "target")
         self.kernel, self.degree, self.offset, self.sigma = _check_mmd_options(
             kernel, degree, offset, sigma, reduction
         )
