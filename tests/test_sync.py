@@ -42,7 +42,6 @@ def _worker(rank: int, world: int, store_path: str, sizes: list[int]) -> None:
         _check_layer(rank, sizes, momentum=0.1, channels_last=False)
         _check_layer(rank, sizes, momentum=None, channels_last=True)
         _check_ddp(rank, world, sizes)
-        _check_channel_mismatch()
         # Every rank done before any closes its connections: gloo aborted a rank now and then
         # ("terminate called without an active exception") when a peer tore down first.
         dist.barrier()
@@ -83,28 +82,6 @@ def _check_layer(rank: int, sizes: list[int], momentum: float | None, channels_l
     ours.eval()
     reference.eval()
     _close(ours(x[local]), reference(x)[local], "eval output")
-
-
-def _check_channel_mismatch() -> None:
-    """Input with the wrong channel count gets the error of the single-process path, before
-    any collective and before any buffer moves (it was broadcast from 1 channel, or failed
-    after num_batches_tracked had counted the step)."""
-    for affine, track in ((True, True), (True, False), (False, True)):
-        layer = stylenorm.SyncBatchNorm(4, affine=affine, track_running_stats=track)
-        state = copy.deepcopy(layer.state_dict())
-        for channels in (1, 3):
-            with pytest.raises(RuntimeError, match=r"should contain [13] elements") as ours:
-                layer(torch.randn(3, channels, 3, 3))
-            with pytest.raises(RuntimeError) as theirs:
-                stylenorm.BatchNorm2d(4, affine=affine, track_running_stats=track)(
-                    torch.randn(3, channels, 3, 3)
-                )
-            assert str(ours.value) == str(theirs.value)
-        for key, value in layer.state_dict().items():
-            assert torch.equal(value, state[key]), key
-    # Without per-channel tensors any channel count is fine, as for torch's BatchNorm.
-    free = stylenorm.SyncBatchNorm(4, affine=False, track_running_stats=False)
-    assert free(torch.randn(3, 2, 3, 3)).shape == (3, 2, 3, 3)
 
 
 def _check_ddp(rank: int, world: int, sizes: list[int]) -> None:
@@ -167,3 +144,25 @@ def test_convert_keeps_parameters_and_mode():
     assert set(converted.state_dict()) == set(
         nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm1d(2)).state_dict()
     )
+
+
+def test_channel_mismatch_when_synchronising(monkeypatch: pytest.MonkeyPatch):
+    """Input with the wrong channel count gets the error of the single-process path, before
+    any collective and before any buffer moves (it was broadcast from 1 channel, or failed
+    after num_batches_tracked had counted the step). The check precedes every collective, so
+    a process group of two is simulated (no peer is needed to reach it)."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    for affine, track in ((True, True), (True, False), (False, True)):
+        layer = stylenorm.SyncBatchNorm(4, affine=affine, track_running_stats=track)
+        state = copy.deepcopy(layer.state_dict())
+        for channels in (1, 3):
+            with pytest.raises(RuntimeError, match=r"should contain [13] elements") as ours:
+                layer(torch.randn(3, channels, 3, 3))
+            with pytest.raises(RuntimeError) as theirs:
+                stylenorm.BatchNorm2d(4, affine=affine, track_running_stats=track)(
+                    torch.randn(3, channels, 3, 3)
+                )
+            assert str(ours.value) == str(theirs.value)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, state[key]), key
