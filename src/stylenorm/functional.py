@@ -1625,20 +1625,26 @@ def _adain_check_content_masks(masks: list[Tensor]) -> None:
 
 
 class _AdaINTerm(NamedTuple):
-    r"""One style's change to the content: :math:`m\,(k\,(x - \mu_c) + s)` with
-    :math:`k = \alpha(\sigma_s/\sigma_c - 1)` and :math:`s = \alpha(\mu_s - \mu_c)`, so
-    that :math:`x + k (x - \mu_c) + s = \alpha y + (1 - \alpha) x`; and the parts of
-    :math:`y = r (x - \mu_c) + \mu_s` with :math:`r = \sigma_s / \sigma_c`, for the exact
-    form of :func:`_adain_apply`."""
+    r"""One style's part of the output: :math:`y = r (x - \mu_c) + \mu_s` with
+    :math:`r = \sigma_s/\sigma_c`, blended with the content by :math:`\alpha` and the mask
+    :math:`m`. As a change to the content, :math:`m\,(k\,(x - \mu_c) + s)` with
+    :math:`k = \alpha(r - 1)` and :math:`s = \alpha(\mu_s - \mu_c)`, so that
+    :math:`x + k (x - \mu_c) + s = \alpha y + (1 - \alpha) x` (:func:`_adain_apply`)."""
 
-    k: Tensor
     mean: Tensor  # mu_c, (N, C, 1, ..., 1)
-    shift: Tensor
-    mask: Tensor | None
-    large_mean: bool  # some |mu_c| / sqrt(var_c + eps) above stats._REFINE_ABOVE_RATIO
     ratio: Tensor  # sigma_s / sigma_c
     style_mean: Tensor  # mu_s
     alpha: float | Tensor
+    mask: Tensor | None
+    large_mean: bool  # some |mu_c| / sqrt(var_c + eps) above stats._REFINE_ABOVE_RATIO
+
+    @property
+    def k(self) -> Tensor:
+        return self.alpha * (self.ratio - 1.0)
+
+    @property
+    def shift(self) -> Tensor:
+        return self.alpha * (self.style_mean - self.mean)
 
 
 def _adain_coefficients(
@@ -1672,10 +1678,7 @@ def _adain_coefficients(
     # against 1.0e-5 term by term and for the plain formula; input gradient 1.5e-7 for all).
     large_mean = stats._needs_refining(mean_c.detach(), inv_std_c.detach(), content)
     mean_c, inv_std_c = _style_keepdim(mean_c, rank), _style_keepdim(inv_std_c, rank)
-    ratio = std_s * inv_std_c
-    k = alpha * (ratio - 1.0)
-    shift = alpha * (mean_s - mean_c)
-    return _AdaINTerm(k, mean_c, shift, content_mask, large_mean, ratio, mean_s, alpha)
+    return _AdaINTerm(mean_c, std_s * inv_std_c, mean_s, alpha, content_mask, large_mean)
 
 
 def _adain_apply(content: Tensor, terms: list[_AdaINTerm]) -> Tensor:
@@ -1705,17 +1708,19 @@ def _adain_apply(content: Tensor, terms: list[_AdaINTerm]) -> Tensor:
         assert isinstance(out, Tensor)
         return out.to(content.dtype)
     if len(terms) == 1 and terms[0].mask is None:
-        scale, shift = 1.0 + terms[0].k, terms[0].shift - terms[0].k * terms[0].mean
+        k = terms[0].k
+        scale, shift = 1.0 + k, terms[0].shift - k * terms[0].mean
     else:
         # Regions split the output.
-        scale = torch.ones((), dtype=terms[0].k.dtype, device=content.device)
-        shift = torch.zeros((), dtype=terms[0].shift.dtype, device=content.device)
+        scale = torch.ones((), dtype=terms[0].ratio.dtype, device=content.device)
+        shift = torch.zeros((), dtype=terms[0].ratio.dtype, device=content.device)
         for term in terms:
-            b = term.shift - term.k * term.mean
+            k = term.k
+            b = term.shift - k * term.mean
             if term.mask is None:
-                scale, shift = scale + term.k, shift + b
+                scale, shift = scale + k, shift + b
             else:
-                scale = torch.addcmul(scale, term.k, term.mask)
+                scale = torch.addcmul(scale, k, term.mask)
                 shift = torch.addcmul(shift, b, term.mask)
     # Spatial maps (masks, SPADE-style statistics) follow the content's layout, so the output
     # keeps channels_last.
