@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import io
 import itertools
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -1047,6 +1048,34 @@ def test_infinite_running_variance_stays_inf_like_torch(cls: str):
     assert torch.equal(ours.running_var, theirs.running_var)
     assert bool(torch.isinf(ours.running_var).all())
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (4, 64, 32, 32), (1, 8, 128, 128)])
+def test_tracked_instance_norm_with_an_infinite_value_like_torch(
+    shape: tuple[int, ...], layout: str, value: float
+):
+    """An infinite value in a tracked InstanceNorm batch makes that channel's running mean
+    infinite, as torch.nn's sum / M does (our centred and Welford routes made it NaN); a NaN
+    makes it NaN. The other channels' running statistics are unchanged by it, on every route
+    (small formula, channels_last blockwise, group-norm kernel)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x[0, 1, 0, 0] = value
+    ours = stylenorm.InstanceNorm2d(shape[1], track_running_stats=True)
+    theirs = nn.InstanceNorm2d(shape[1], track_running_stats=True)
+    ours(x), theirs(x)
+    for mine, torchs in (
+        (ours.running_mean, theirs.running_mean),
+        (ours.running_var, theirs.running_var),
+    ):
+        assert torch.equal(mine.isnan(), torchs.isnan())
+        assert torch.equal(mine.isinf(), torchs.isinf())
+        assert torch.equal(mine[1].sign(), torchs[1].sign()) or bool(torchs[1].isnan())
+        torch.testing.assert_close(mine[2:], torchs[2:], rtol=1e-5, atol=1e-6)
+    assert bool(ours.running_mean[1].isnan() if math.isnan(value) else ours.running_mean[1].isinf())
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

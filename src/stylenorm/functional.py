@@ -958,10 +958,24 @@ def instance_norm(
                 batch_stats = stats._mean_var(input.detach(), 0.0, None)
         mean, var = batch_stats
         m = math.prod(input.shape[2:])  # positions per (sample, channel)
+        mean = _sum_means_where_not_finite(mean, input, m)
         _update_running_stats(
             running_mean, running_var, mean.mean(0), var.mean(0) * (m / (m - 1)), momentum
         )
     return out
+
+
+@torch.no_grad()
+def _sum_means_where_not_finite(mean: Tensor, x: Tensor, m: int) -> Tensor:
+    """The ``(N, C)`` instance means of ``x`` for its running average, as torch's kernel takes
+    them where some is not finite: ``sum / M``. A +inf among finite values makes that mean inf;
+    the centred and Welford forms of our routes and of the group-norm kernel make it NaN
+    (inf - inf), and the running mean NaN where torch.nn's is inf. Only where some mean is not
+    finite (a read of N * C values on the CPU; unread under compile and vmap)."""
+    if x.device.type != "cpu" or stats._values_unknown(x, mean) or bool(mean.isfinite().all()):
+        return mean
+    sums = x.detach().reshape(x.shape[0], x.shape[1], -1).sum(2, dtype=mean.dtype)
+    return torch.where(mean.isfinite(), mean, sums.reshape(mean.shape) / m)
 
 
 def _channels_last_grad(grad: Tensor | None) -> Tensor | None:
