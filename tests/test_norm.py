@@ -1050,32 +1050,78 @@ def test_infinite_running_variance_stays_inf_like_torch(cls: str):
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, "both"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 4), (4, 64, 32, 32), (1, 8, 128, 128)])
 def test_tracked_instance_norm_with_an_infinite_value_like_torch(
-    shape: tuple[int, ...], layout: str, value: float
+    shape: tuple[int, ...], layout: str, value: float | str
 ):
     """An infinite value in a tracked InstanceNorm batch makes that channel's running mean
-    infinite, as torch.nn's sum / M does (our centred and Welford routes made it NaN); a NaN
-    makes it NaN. The other channels' running statistics are unchanged by it, on every route
-    (small formula, channels_last blockwise, group-norm kernel)."""
+    infinite, as torch.nn's sum / M does (our centred and Welford routes made it NaN); a NaN,
+    or +inf and -inf in one channel, make it NaN. The other channels' running statistics are
+    unchanged by it, on every route (small formula, channels_last blockwise, group-norm
+    kernel)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    x[0, 1, 0, 0] = value
+    if value == "both":
+        x[0, 1, 0, 0], x[-1, 1, -1, -1] = math.inf, -math.inf
+    else:
+        x[0, 1, 0, 0] = value
     ours = stylenorm.InstanceNorm2d(shape[1], track_running_stats=True)
     theirs = nn.InstanceNorm2d(shape[1], track_running_stats=True)
     ours(x), theirs(x)
-    for mine, torchs in (
-        (ours.running_mean, theirs.running_mean),
-        (ours.running_var, theirs.running_var),
-    ):
-        assert torch.equal(mine.isnan(), torchs.isnan())
-        assert torch.equal(mine.isinf(), torchs.isinf())
-        assert torch.equal(mine[1].sign(), torchs[1].sign()) or bool(torchs[1].isnan())
-        torch.testing.assert_close(mine[2:], torchs[2:], rtol=1e-5, atol=1e-6)
-    assert bool(ours.running_mean[1].isnan() if math.isnan(value) else ours.running_mean[1].isinf())
+    _assert_same_non_finite_running_stats(ours, theirs, channel=1)
+    expected = -math.inf if value == -math.inf else math.inf if value == math.inf else math.nan
+    torch.testing.assert_close(ours.running_mean[1], torch.tensor(expected), equal_nan=True)
+
+
+def _assert_same_non_finite_running_stats(
+    ours: nn.Module, theirs: nn.Module, channel: int, half: bool = False
+):
+    """Running statistics equal to torch.nn's: the same value (inf, -inf or NaN) in
+    ``channel``, the others close (for half input loosely: torch.nn's half-precision
+    statistics are the less precise ones)."""
+    others = [i for i in range(ours.running_mean.numel()) if i != channel]
+    rtol, atol = (1e-2, 1e-3) if half else (1e-5, 1e-6)
+    for name in ("running_mean", "running_var"):
+        mine, torchs = getattr(ours, name), getattr(theirs, name)
+        torch.testing.assert_close(mine[channel], torchs[channel], equal_nan=True)
+        torch.testing.assert_close(mine[others], torchs[others], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_tracked_instance_norm_with_an_infinite_value_in_other_ranks_and_dtypes(
+    rank: int, dtype: torch.dtype
+):
+    """The same in 1d/2d/3d and float64/half precision (half input with float32 buffers),
+    -inf among finite values as large as 1e36 included (float32 partial sums overflowed to
+    +inf there and gave NaN; torch's kernel, and ours, sum in float64)."""
+    shape = (2, 3) + (12,) * rank
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    big = 1e36 if dtype == torch.float64 else 1e3
+    x[0, 1] = big
+    x[(0, 1) + (0,) * rank] = -math.inf
+    x = x.to(dtype)
+    buffers = torch.float64 if dtype == torch.float64 else torch.float32
+    cls = f"InstanceNorm{rank}d"
+    ours = getattr(stylenorm, cls)(3, track_running_stats=True, dtype=buffers)
+    theirs = getattr(nn, cls)(3, track_running_stats=True, dtype=buffers)
+    ours(x), theirs(x)
+    _assert_same_non_finite_running_stats(ours, theirs, 1, half=dtype != torch.float64)
+    assert ours.running_mean[1].item() == -math.inf
+
+
+def test_tracked_instance_norm_float32_sums_of_huge_values_and_minus_inf():
+    """float32 input: -inf among values of 1e36 gives a running mean of -inf, as torch.nn's
+    (a float32 sum overflowed to +inf first, then NaN)."""
+    x = torch.full((1, 2, 64, 64), 1e36)
+    x[0, 1, 0, 0] = -math.inf
+    ours = stylenorm.InstanceNorm2d(2, track_running_stats=True)
+    theirs = nn.InstanceNorm2d(2, track_running_stats=True)
+    ours(x), theirs(x)
+    assert ours.running_mean[1].item() == theirs.running_mean[1].item() == -math.inf
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

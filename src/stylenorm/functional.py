@@ -976,8 +976,10 @@ def _sum_means_where_not_finite(mean: Tensor, x: Tensor, m: int) -> Tensor:
         return mean
     if math.isfinite(float(mean.sum(dtype=torch.float64))):
         return mean
-    sums = x.detach().reshape(x.shape[0], x.shape[1], -1).sum(2, dtype=mean.dtype)
-    return torch.where(mean.isfinite(), mean, sums.reshape(mean.shape) / m)
+    # Summed in float64, as torch's CPU kernel does: a float32 sum of -inf and values of 1e36
+    # would overflow to +inf on the way and give NaN.
+    sums = x.detach().reshape(x.shape[0], x.shape[1], -1).sum(2, dtype=torch.float64)
+    return torch.where(mean.isfinite(), mean, (sums.reshape(mean.shape) / m).to(mean.dtype))
 
 
 def _channels_last_grad(grad: Tensor | None) -> Tensor | None:
